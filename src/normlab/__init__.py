@@ -1,0 +1,16 @@
+"""normlab: batch normalization and its family for PyTorch.
+
+- :mod:`normlab.spec`: the one place the four norms differ (the ``(N, G, K, R)`` view).
+- :mod:`normlab.reference`: NumPy float64 forward and hand-derived backward.
+- :mod:`normlab.functional`: torch functions with the hand-derived backward and fused activations.
+- :mod:`normlab.nn`: drop-in layers (torch.nn's classes, normlab's forward).
+- :func:`normlab.precise_bn`: exact population statistics over a set of batches.
+- :mod:`normlab.kernels`: fused Triton kernels (GPU; optional).
+- :mod:`normlab.lab`: the experiments (optional; needs the ``lab`` extra).
+"""
+
+from normlab import functional, nn, reference, spec
+from normlab.precise import precise_bn
+
+__all__ = ["functional", "nn", "precise_bn", "reference", "spec"]
+__version__ = "0.1.0"

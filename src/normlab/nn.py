@@ -1,0 +1,229 @@
+"""Drop-in norm layers: torch.nn's classes with normlab's forward and an optional fused activation.
+
+Each class subclasses its torch.nn namesake, so the constructor arguments, defaults, parameters, buffers,
+``state_dict`` keys, checkpoint upgrades and ``isinstance`` checks are torch's own; only ``forward`` is
+normlab's. Every class also takes ``activation=None, placement="before"`` (see :mod:`normlab.functional`):
+``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer.
+
+Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
+(torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
+``state_dict``, so checkpoints stay torch's), and warn once. The check runs on the device without a host sync;
+the warning is raised at once for CPU inputs and, for other devices, when the layer is switched to eval mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from normlab import activations
+from normlab import functional as F
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+]
+
+
+class _Fused:
+    """The fused-activation settings every normlab layer adds to its torch.nn base."""
+
+    activation: str | None
+    placement: str
+
+    def _set_activation(self, activation: str | None, placement: str) -> None:
+        activations.check(activation, placement)
+        self.activation, self.placement = activation, placement
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return (
+            base if self.activation is None else f"{base}, activation={self.activation!r}, placement={self.placement!r}"
+        )
+
+
+class _BatchNorm(_Fused):
+    """normlab's forward for torch.nn's ``_BatchNorm`` subclasses (BatchNorm1d/2d/3d)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        placement: str = "before",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._set_activation(activation, placement)
+        self.register_buffer("num_skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self._warned_skipped = False
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at dim 1, "
+                f"got input of shape {tuple(input.shape)}"
+            )
+        track = self.training and self.track_running_stats
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        pass_buffers = not self.training or self.track_running_stats
+        y = F.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.activation,
+            self.placement,
+            num_batches_tracked=self.num_batches_tracked if track else None,
+            num_skipped=self.num_skipped_updates if track else None,
+        )
+        if track and input.device.type == "cpu":
+            self._warn_skipped()
+        return y
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self._warn_skipped()
+        return super().train(mode)
+
+    def _warn_skipped(self) -> None:
+        if self._warned_skipped or torch.compiler.is_compiling():
+            return
+        skipped = int(self.num_skipped_updates)
+        if skipped:
+            self._warned_skipped = True
+            warnings.warn(
+                f"{type(self).__name__}: {skipped} batch(es) with non-finite statistics were kept out of "
+                "running_mean/running_var (see num_skipped_updates)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """Batch norm over ``(N, C)`` or ``(N, C, L)``: torch.nn.BatchNorm1d with normlab's forward."""
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """Batch norm over ``(N, C, H, W)``: torch.nn.BatchNorm2d with normlab's forward."""
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """Batch norm over ``(N, C, D, H, W)``: torch.nn.BatchNorm3d with normlab's forward."""
+
+
+class _InstanceNorm(_Fused):
+    """normlab's forward for torch.nn's ``_InstanceNorm`` subclasses; torch's forward keeps the input checks."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        affine: bool = False,
+        track_running_stats: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        placement: str = "before",
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._set_activation(activation, placement)
+
+    def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+            self.activation,
+            self.placement,
+        )
+
+
+class InstanceNorm1d(_InstanceNorm, torch.nn.InstanceNorm1d):
+    """Instance norm over ``(N, C, L)`` or unbatched ``(C, L)``."""
+
+
+class InstanceNorm2d(_InstanceNorm, torch.nn.InstanceNorm2d):
+    """Instance norm over ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+
+
+class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
+    """Instance norm over ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
+
+
+class GroupNorm(_Fused, torch.nn.GroupNorm):
+    """Group norm over ``(N, C, *)``: torch.nn.GroupNorm with normlab's forward."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        placement: str = "before",
+    ) -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
+        self._set_activation(activation, placement)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() < 2 or input.shape[1] != self.num_channels:
+            raise ValueError(
+                f"GroupNorm({self.num_groups}, {self.num_channels}) expects input (N, {self.num_channels}, *), "
+                f"got shape {tuple(input.shape)}"
+            )
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation, self.placement)
+
+
+class LayerNorm(_Fused, torch.nn.LayerNorm):
+    """Layer norm over the trailing ``normalized_shape`` dims: torch.nn.LayerNorm with normlab's forward."""
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str | None = None,
+        placement: str = "before",
+    ) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self._set_activation(activation, placement)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps, self.activation, self.placement
+        )

@@ -1,0 +1,102 @@
+"""Population statistics for batch norm: the paper's "mean and variance over the entire training set"."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from normlab.activations import ACTIVATIONS
+from normlab.spec import plan
+from normlab.torch_ops import view4
+
+
+class _Pooled:
+    """Running count, mean and sum of squared deviations per channel, merged batch by batch (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # (C,) float64
+        self.m2: torch.Tensor | None = None  # (C,) float64
+
+    def add(self, x: torch.Tensor) -> None:
+        p = plan("batch", x.shape)
+        if p.numel == 0:
+            return
+        var, mean = torch.var_mean(view4(x, p).to(torch.float64), dim=p.stat_axes, correction=0)
+        mean, m2, n_b = mean.reshape(-1), var.reshape(-1) * p.m, p.m
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean, m2
+            return
+        n = self.n + n_b
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * n_b / n)
+        self.n = n
+
+
+@torch.no_grad()
+def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | None = None) -> torch.nn.Module:
+    """Set every batch-norm layer's running statistics to the exact population ones over ``batches``.
+
+    Runs the model forward over the batches with its batch-norm layers in training mode (so each layer sees the
+    inputs it sees in training) and pools, per channel, every value each layer normalizes: ``running_mean`` becomes
+    the mean over all of them and ``running_var`` their unbiased variance (``Σ (x - mean)² / (n - 1)`` over all
+    ``n`` values), exact for batches of unequal size. Works for normlab's and torch.nn's batch-norm layers with
+    ``track_running_stats=True``; other modules keep their mode (call it in the mode you train in, or in eval to
+    keep dropout out). Training flags, momenta and ``num_batches_tracked`` are restored; if anything fails, every
+    buffer is left as it was.
+
+    Args:
+        model: the network.
+        batches: an iterable of input tensors, or of tuples/lists whose first item is the input (a DataLoader).
+        num_batches: use at most this many batches (all when None).
+
+    Returns:
+        ``model``, updated in place.
+    """
+    layers = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not layers:
+        return model
+    saved = {
+        m: (m.training, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers
+    }
+    pooled = {m: _Pooled() for m in layers}
+
+    def record(module, args):
+        x = args[0]
+        activation = getattr(module, "activation", None)
+        if activation is not None and getattr(module, "placement", "before") == "after":
+            x = ACTIVATIONS[activation].fn(x)  # such a layer normalizes f(x), not x
+        pooled[module].add(x)
+
+    handles = [m.register_forward_pre_hook(record) for m in layers]
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    ok = False
+    try:
+        for m in layers:
+            m.train()
+        for i, batch in enumerate(batches):
+            if num_batches is not None and i >= num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x.to(device) if device is not None else x)
+        if any(pooled[m].n < 2 for m in layers):
+            raise ValueError("precise_bn needs at least 2 values per channel in every batch-norm layer; got fewer")
+        ok = True
+    finally:
+        for h in handles:
+            h.remove()
+        for m, (training, mean, var, nbt) in saved.items():
+            m.train(training)
+            m.num_batches_tracked.copy_(nbt)
+            if ok:
+                m.running_mean.copy_(pooled[m].mean)
+                m.running_var.copy_(pooled[m].m2 / (pooled[m].n - 1))
+            else:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+    return model

@@ -1,0 +1,199 @@
+r"""The float64 NumPy reference: forward and hand-derived backward of batch, layer, instance and group norm.
+
+Every faster path in normlab is tested against this module. It is written for reading, step by step.
+
+Forward (Ioffe & Szegedy 2015, Algorithm 1), over the m values that share one statistic::
+
+    mean = 1/m Σ x                       (μ_B)
+    var  = 1/m Σ (x - mean)²             (σ²_B, biased)
+    rstd = (var + eps)^(-1/2)
+    xhat = (x - mean) · rstd
+    z    = xhat · w + b                  (w = γ, b = β)
+
+Backward, by the chain rule, with ``dz = ∂l/∂z`` (the paper's equations, in this module's names)::
+
+    dxhat = dz · w                                                       ∂l/∂x̂
+    dvar  = Σ dxhat · (x - mean) · (-1/2) · (var + eps)^(-3/2)          ∂l/∂σ²
+    dmean = Σ dxhat · (-rstd) + dvar · Σ (-2 (x - mean)) / m             ∂l/∂μ
+    dx    = dxhat · rstd + dvar · 2 (x - mean) / m + dmean / m           ∂l/∂x
+    dw    = Σ dz · xhat                                                  ∂l/∂γ
+    db    = Σ dz                                                         ∂l/∂β
+
+Why each term: x reaches the loss three ways, directly through xhat, through var and through mean. ``var``
+depends on x through ``(x - mean)²``, giving ``2 (x - mean) / m``; ``mean`` depends on x with slope ``1/m``
+and reaches the loss directly (through every xhat, slope ``-rstd``) and through var (slope ``-2 (x-mean)/m``
+summed, which is zero in exact arithmetic but is kept here as the chain rule writes it). Substituting gives
+the compact form used by the fast paths::
+
+    dx = rstd · (dxhat - mean(dxhat) - xhat · mean(dxhat · xhat))
+
+The sums run over the statistic's m values for dvar and dmean, and over the batch (and spatial) positions
+of each affine entry for dw and db. Which values those are is the only thing that differs between the four
+norms; :mod:`normlab.spec` decides it, and this module reads the plan: ``x`` is viewed as ``(N, G, K, R)``.
+
+An optional activation ``f`` is fused ``"before"`` (``y = f(norm(x))``, as the paper places BN before the
+non-linearity) or ``"after"`` (``y = norm(f(x))``); its derivative enters by the chain rule: ``dz = dy · f'(z)``
+before, ``dx = dx_norm · f'(x)`` after.
+
+Inference (Algorithm 2): with population statistics ``E[x]`` and ``Var[x] = m/(m-1) · E_B[σ²_B]``, the network
+computes ``y = w / sqrt(Var[x] + eps) · x + (b - w E[x] / sqrt(Var[x] + eps))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from normlab.spec import Plan
+from normlab.spec import plan as make_plan
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # tanh form: no overflow warning for large |x|
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+
+
+def _gelu_grad(x):
+    cdf = 0.5 * (1.0 + _erf(x / math.sqrt(2.0)).astype(np.float64))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+LEAKY_SLOPE = 0.01
+
+# name -> (f, f'), both of the pre-activation value.
+ACTIVATIONS = {
+    "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
+    "leaky_relu": (lambda x: np.where(x > 0, x, LEAKY_SLOPE * x), lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE)),
+    "sigmoid": (_sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x))),
+    "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
+    "silu": (lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x)))),
+    "gelu": (_gelu, _gelu_grad),
+}
+
+
+def _act(activation):
+    if activation is None:
+        return None
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def forward(x, w, b, eps, p: Plan, activation=None, placement="before"):
+    """Normalize ``x`` by plan ``p`` (float64); returns ``(y, cache)``.
+
+    Args:
+        x: input of shape ``p.shape``.
+        w, b: affine weight and bias with ``p.affine_size`` entries, or None (1 and 0).
+        eps: added to the variance.
+        p: the :class:`~normlab.spec.Plan`.
+        activation: None or a name in :data:`ACTIVATIONS`; placement ``"before"`` or ``"after"`` the norm.
+    """
+    f = _act(activation)
+    x = np.asarray(x, dtype=np.float64)
+    w = np.ones(p.affine_size) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
+    b = np.zeros(p.affine_size) if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
+    a = f[0](x) if (f and placement == "after") else x    # (shape) what gets normalized
+    a4 = a.reshape(p.view_shape)                            # (N, G, K, R)
+    mean = a4.mean(axis=p.stat_axes, keepdims=True)         # (N|1, G, 1, 1)
+    xc = a4 - mean                                          # (N, G, K, R)
+    var = (xc**2).mean(axis=p.stat_axes, keepdims=True)     # (N|1, G, 1, 1) biased
+    rstd = 1.0 / np.sqrt(var + eps)                         # (N|1, G, 1, 1)
+    xhat = xc * rstd                                        # (N, G, K, R)
+    z = xhat * w.reshape(1, p.G, p.K, 1) + b.reshape(1, p.G, p.K, 1)  # (N, G, K, R)
+    y = f[0](z) if (f and placement == "before") else z     # (N, G, K, R)
+    cache = (x, w, b, mean, rstd, var, eps, p, activation, placement)
+    return y.reshape(p.shape), cache
+
+
+def backward(dy, cache):
+    """Backward of :func:`forward`, step by step; returns ``(dx, dw, db)`` (dw, db flat, ``p.affine_size``)."""
+    x, w, b, mean, rstd, var, eps, p, activation, placement = cache
+    f = _act(activation)
+    w4 = w.reshape(1, p.G, p.K, 1)                          # (1, G, K, 1)
+    a = f[0](x) if (f and placement == "after") else x      # (shape)
+    a4 = a.reshape(p.view_shape)                            # (N, G, K, R)
+    dy4 = np.asarray(dy, dtype=np.float64).reshape(p.view_shape)  # (N, G, K, R)
+    xc = a4 - mean                                          # (N, G, K, R)
+    xhat = xc * rstd                                        # (N, G, K, R) recomputed, not cached
+    if f and placement == "before":
+        z = xhat * w4 + b.reshape(1, p.G, p.K, 1)           # (N, G, K, R) pre-activation, recomputed
+        dz = dy4 * f[1](z)                                  # (N, G, K, R)
+    else:
+        dz = dy4                                            # (N, G, K, R)
+    ax, m = p.stat_axes, p.m
+    dxhat = dz * w4                                                               # (N, G, K, R)
+    dvar = np.sum(dxhat * xc, axis=ax, keepdims=True) * -0.5 * (var + eps) ** -1.5  # (N|1, G, 1, 1)
+    dmean = np.sum(dxhat * -rstd, axis=ax, keepdims=True) + dvar * np.sum(-2.0 * xc, axis=ax, keepdims=True) / m
+    da = dxhat * rstd + dvar * 2.0 * xc / m + dmean / m                           # (N, G, K, R)
+    dw = np.sum(dz * xhat, axis=p.affine_axes).reshape(-1)                        # (G*K,)
+    db = np.sum(dz, axis=p.affine_axes).reshape(-1)                               # (G*K,)
+    da = da.reshape(p.shape)
+    dx = da * f[1](x) if (f and placement == "after") else da                     # (shape)
+    return dx, dw, db
+
+
+def batch_norm_forward(x, w, b, eps=1e-5, activation=None, placement="before"):
+    """Batch norm of ``x`` ``(N, C, *S)``: statistics per channel over N and S. Returns ``(y, cache)``."""
+    return forward(x, w, b, eps, make_plan("batch", np.shape(x)), activation, placement)
+
+
+def instance_norm_forward(x, w, b, eps=1e-5, activation=None, placement="before"):
+    """Instance norm of ``x`` ``(N, C, *S)``: statistics per sample and channel over S. Returns ``(y, cache)``."""
+    return forward(x, w, b, eps, make_plan("instance", np.shape(x)), activation, placement)
+
+
+def group_norm_forward(x, groups, w, b, eps=1e-5, activation=None, placement="before"):
+    """Group norm of ``x`` ``(N, C, *S)``: statistics per sample over each group of C/groups channels."""
+    return forward(x, w, b, eps, make_plan("group", np.shape(x), groups=groups), activation, placement)
+
+
+def layer_norm_forward(x, normalized_ndim, w, b, eps=1e-5, activation=None, placement="before"):
+    """Layer norm over the last ``normalized_ndim`` dims of ``x``; w, b have one entry per normalized element."""
+    p = make_plan("layer", np.shape(x), normalized_ndim=normalized_ndim)
+    return forward(x, w, b, eps, p, activation, placement)
+
+
+# Every kind's backward is the same function: the cache carries its plan.
+batch_norm_backward = instance_norm_backward = group_norm_backward = layer_norm_backward = backward
+
+
+def batch_stats(x):
+    """Per-channel batch mean and biased variance of ``x`` ``(N, C, *S)`` (float64), and the count m."""
+    p = make_plan("batch", np.shape(x))
+    x4 = np.asarray(x, dtype=np.float64).reshape(p.view_shape)
+    mean = x4.mean(axis=p.stat_axes)                                    # (1, C)
+    var = ((x4 - mean[..., None, None]) ** 2).mean(axis=p.stat_axes)    # (1, C)
+    return mean.reshape(-1), var.reshape(-1), p.m
+
+
+def population_stats(batch_means, batch_vars, m):
+    """Algorithm 2's population statistics from per-batch ones: ``E[x] = E_B[μ_B]``, ``Var[x] = m/(m-1) E_B[σ²_B]``.
+
+    Args:
+        batch_means, batch_vars: ``(num_batches, C)`` per-batch means and biased variances.
+        m: values per statistic in each batch (equal batches, as in the paper).
+    """
+    return np.mean(batch_means, axis=0), m / (m - 1) * np.mean(batch_vars, axis=0)
+
+
+def batch_norm_inference(x, w, b, mean, var, eps=1e-5):
+    """Algorithm 2's inference transform of ``x`` ``(N, C, *S)`` with population ``mean``, ``var`` ``(C,)``."""
+    x = np.asarray(x, dtype=np.float64)
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    inv = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    scale = np.asarray(w, dtype=np.float64) * inv
+    shift = np.asarray(b, dtype=np.float64) - scale * np.asarray(mean, dtype=np.float64)
+    return scale.reshape(bshape) * x + shift.reshape(bshape)
+
+
+def running_update(running, batch, momentum):
+    """One moving-average step of a running statistic: ``(1 - momentum) · running + momentum · batch``."""
+    return (1.0 - momentum) * np.asarray(running, dtype=np.float64) + momentum * np.asarray(batch, dtype=np.float64)

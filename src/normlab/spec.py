@@ -1,0 +1,132 @@
+"""One spec for the four norms: every input is viewed as ``(N, G, K, R)``.
+
+Batch, instance, group and layer norm compute the same thing,
+
+    mean = E[x],  var = E[(x - mean)^2],  rstd = 1/sqrt(var + eps)
+    xhat = (x - mean) * rstd,  y = xhat * w + b,
+
+and differ only in three facts, which this module alone decides:
+
+- the groups ``G`` whose members share one mean and one variance,
+- whether the statistics also pool over the batch axis (batch norm) or are taken per sample,
+- the affine shape: ``w`` and ``b`` hold one value per channel, or one per normalized element (layer norm).
+
+An input of logical shape ``(N, C, *S)`` (layer norm: ``(*B, *D)``) is viewed as ``x4 = (N, G, K, R)``:
+
+=========  ================  ===  ============  ========  ==========
+kind       N                 G    K             R         pool over N
+=========  ================  ===  ============  ========  ==========
+batch      N                 C    1             prod(S)   yes
+instance   N                 C    1             prod(S)   no
+group      N                 G    C / G         prod(S)   no
+layer      prod(B)           1    prod(D)       1         no
+=========  ================  ===  ============  ========  ==========
+
+Statistics reduce ``x4`` over ``stat_axes`` (``(0, 2, 3)`` or ``(2, 3)``) and have shape ``stat_shape``
+(``(1, G)`` or ``(N, G)``); ``w`` and ``b`` have ``G * K`` entries and broadcast as ``(1, G, K, 1)``; their
+gradients reduce over ``affine_axes = (0, 3)``. Nothing outside this module branches on the kind.
+
+This module is pure Python: the NumPy reference, the torch path and the Triton kernels all read the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["batch", "instance", "group", "layer"]
+KINDS: tuple[str, ...] = ("batch", "instance", "group", "layer")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an input of a given shape is normalized, as the view ``(N, G, K, R)``.
+
+    Attributes:
+        kind: ``"batch"``, ``"instance"``, ``"group"`` or ``"layer"``.
+        shape: the logical input shape.
+        N, G, K, R: the view's sizes; ``N * G * K * R == prod(shape)``.
+        pool_batch: statistics pool over N as well (batch norm) instead of per sample.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    N: int
+    G: int
+    K: int
+    R: int
+    pool_batch: bool
+
+    @property
+    def view_shape(self) -> tuple[int, int, int, int]:
+        """``(N, G, K, R)``."""
+        return (self.N, self.G, self.K, self.R)
+
+    @property
+    def stat_axes(self) -> tuple[int, ...]:
+        """Axes of the view that one statistic reduces over."""
+        return (0, 2, 3) if self.pool_batch else (2, 3)
+
+    @property
+    def affine_axes(self) -> tuple[int, ...]:
+        """Axes of the view that ``dw`` and ``db`` reduce over."""
+        return (0, 3)
+
+    @property
+    def stat_shape(self) -> tuple[int, int]:
+        """Shape of ``mean`` and ``rstd``: ``(1, G)`` when pooling over the batch, else ``(N, G)``."""
+        return (1 if self.pool_batch else self.N, self.G)
+
+    @property
+    def affine_size(self) -> int:
+        """Number of entries of ``w`` and ``b``: ``G * K`` (channels, or normalized elements)."""
+        return self.G * self.K
+
+    @property
+    def m(self) -> int:
+        """How many values one statistic is taken over."""
+        return self.K * self.R * (self.N if self.pool_batch else 1)
+
+    @property
+    def numel(self) -> int:
+        return self.N * self.G * self.K * self.R
+
+
+def _prod(xs: Sequence[int]) -> int:
+    return math.prod(int(v) for v in xs)
+
+
+def plan(kind: str, shape: Sequence[int], *, groups: int | None = None, normalized_ndim: int | None = None) -> Plan:
+    """Build the :class:`Plan` for normalizing an input of ``shape`` as ``kind``.
+
+    Args:
+        kind: one of :data:`KINDS`.
+        shape: logical input shape, ``(N, C, *S)`` for batch/instance/group norm, ``(*B, *D)`` for layer norm.
+        groups: number of groups (group norm only); must divide C.
+        normalized_ndim: number of trailing dims D normalized together (layer norm only).
+
+    Raises:
+        ValueError: unknown kind, too few dims, or groups not dividing the channels.
+    """
+    shape = tuple(int(s) for s in shape)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "layer":
+        if normalized_ndim is None or not 1 <= normalized_ndim <= len(shape):
+            raise ValueError(
+                f"layer norm needs 1 <= normalized_ndim <= input dims ({len(shape)}), got {normalized_ndim}"
+            )
+        lead, norm = shape[: len(shape) - normalized_ndim], shape[len(shape) - normalized_ndim :]
+        return Plan(kind, shape, N=_prod(lead), G=1, K=_prod(norm), R=1, pool_batch=False)
+    if len(shape) < 2:
+        raise ValueError(f"{kind} norm expects an input of shape (N, C, *S) with at least 2 dims, got shape {shape}")
+    n, c, spatial = shape[0], shape[1], _prod(shape[2:])
+    if kind == "group":
+        if groups is None or groups <= 0:
+            raise ValueError(f"group norm needs a positive number of groups, got {groups}")
+        if c % groups:
+            raise ValueError(f"num_groups ({groups}) must divide the number of channels ({c})")
+        return Plan(kind, shape, N=n, G=groups, K=c // groups, R=spatial, pool_batch=False)
+    return Plan(kind, shape, N=n, G=c, K=1, R=spatial, pool_batch=(kind == "batch"))

@@ -1,0 +1,51 @@
+"""Shared test data: the shapes every norm is tested over, and the tolerance for each dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# (N, C, *S): primes, size-1 dims, 0-D/1-D/2-D/3-D spatial.
+SHAPES = [
+    (7, 3),
+    (2, 5, 1),
+    (3, 5, 7),
+    (4, 3, 5, 7),
+    (2, 1, 3, 5),
+    (1, 2, 3, 1),
+    (2, 3, 2, 3, 5),
+    (3, 2, 1, 1, 5),
+]
+SPATIAL_SHAPES = [s for s in SHAPES if len(s) >= 3 and s[2:] != (1,) * (len(s) - 2)]  # more than 1 value per sample
+CHANNELS_LAST_SHAPES = [s for s in SHAPES if len(s) in (4, 5)]
+
+# (dtype, atol, rtol) for comparing normlab with torch.nn. Half precision: both sides keep float32 statistics and
+# round once, so outputs agree to about one bf16 ulp; gradients go through more roundings.
+TOLERANCES = [
+    (torch.float64, 1e-10, 1e-8),
+    (torch.float32, 1e-5, 1e-4),
+    (torch.bfloat16, 3e-2, 3e-2),
+]
+DTYPES = [t[0] for t in TOLERANCES]
+TOL = {dtype: (atol, rtol) for dtype, atol, rtol in TOLERANCES}
+
+
+def assert_close(actual, expected, dtype, scale=1.0, what=""):
+    """Compare with the dtype's tolerance; ``scale`` widens it for quantities summed over many values."""
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        expected.to(torch.float64),
+        atol=atol * scale,
+        rtol=rtol * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
