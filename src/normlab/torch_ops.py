@@ -86,14 +86,24 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
         a = f.fn(a)
     if stats is None and p.numel == 0:  # an empty batch has no statistics (and updates nothing)
         mean = var = torch.full((p.stat_shape[0], p.G, 1, 1), float("nan"), dtype=cdt, device=x.device)
+        xc = a - mean
     elif stats is None:
-        var, mean = torch.var_mean(a, dim=p.stat_axes, keepdim=True, correction=0)  # (N|1, G, 1, 1)
+        # Shifted data: d = a - (one value of each statistic's set) is exact and of the spread's size, so its
+        # mean and squares keep their digits even when |mean| >> std; on the CPU this is also far faster than
+        # torch.var_mean over non-trailing axes.
+        shift = a[:, :, :1, :1] if not p.pool_batch else a[:1, :, :1, :1]  # (N|1, G, 1, 1)
+        d = a - shift                                                   # (N, G, K, R)
+        d_mean = d.mean(p.stat_axes, keepdim=True)                      # (N|1, G, 1, 1)
+        xc = d - d_mean                                                 # (N, G, K, R)
+        var = (xc * xc).mean(p.stat_axes, keepdim=True)                 # (N|1, G, 1, 1)
+        mean = shift + d_mean
     else:
         mean, var = _stat4(stats[0], p, cdt), _stat4(stats[1], p, cdt)
+        xc = a - mean
     rstd = (var + eps).rsqrt()                                          # (N|1, G, 1, 1)
     w4, b4 = _affine4(w, p, cdt), _affine4(b, p, cdt)
     scale = rstd if w4 is None else rstd * w4                           # (N|1, G, K|1, 1)
-    z = (a - mean) * scale if b4 is None else torch.addcmul(b4, a - mean, scale)  # (N, G, K, R)
+    z = xc * scale if b4 is None else torch.addcmul(b4, xc, scale)      # (N, G, K, R)
     if f is not None and placement == "before":
         z = f.fn(z)
     y = unview(z.to(x.dtype), x, p)
@@ -116,22 +126,32 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     a = f.fn(x4) if (f is not None and placement == "after") else x4
     mean4, rstd4 = _stat4(mean, p, cdt), _stat4(rstd, p, cdt)          # (N|1, G, 1, 1)
     w4 = _affine4(w, p, cdt)                                            # (1, G, K, 1) or None
-    xhat = (a - mean4) * rstd4                                          # (N, G, K, R), recomputed
+    xc = a - mean4                                                      # (N, G, K, R)
+    # The saved float32 mean is rounded (by up to half an ulp of |mean|, a lot when |mean| >> std); its exact
+    # offset from x's mean, delta, is folded into the per-statistic coefficients below at the cost of one read.
+    delta = xc.mean(p.stat_axes, keepdim=True) if batch_stats else torch.zeros_like(mean4)  # (N|1, G, 1, 1)
     dz = view4(dy, p).to(cdt)                                           # (N, G, K, R)
     if f is not None and placement == "before":
-        z = xhat if w4 is None else xhat * w4
-        if b is not None:
-            z = z + _affine4(b, p, cdt)
-        dz = dz * f.grad(z)
-    db = dz.sum(p.affine_axes).reshape(-1) if b is not None else None  # (G*K,)
-    dw = (dz * xhat).sum(p.affine_axes).reshape(-1) if w is not None else None
-    dxhat = dz if w4 is None else dz * w4                               # (N, G, K, R)
+        scale = rstd4 if w4 is None else rstd4 * w4
+        shift = -delta * scale if b is None else _affine4(b, p, cdt) - delta * scale
+        dz = dz * f.grad(torch.addcmul(shift, xc, scale))               # f'(z), z recomputed
+    # Per (statistic, affine entry) sums; everything after them is (N|1, G, K, 1)-sized.
+    sum_axes = (0, 3) if p.pool_batch else (3,)
+    sdz = dz.sum(sum_axes, keepdim=True)                                # (N|1, G, K, 1)  Σ dz
+    sdzxc = (dz * xc).sum(sum_axes, keepdim=True) - delta * sdz         # (N|1, G, K, 1)  Σ dz (x - mean)
+    db = sdz.sum(0).reshape(-1) if b is not None else None              # (G*K,)
+    dw = (sdzxc * rstd4).sum(0).reshape(-1) if w is not None else None  # (G*K,)  Σ dz xhat
+    wk = 1.0 if w4 is None else w4                                      # (1, G, K, 1)
     if batch_stats:
-        c1 = dxhat.mean(p.stat_axes, keepdim=True)                      # (N|1, G, 1, 1)
-        c2 = (dxhat * xhat).mean(p.stat_axes, keepdim=True)             # (N|1, G, 1, 1)
-        da = (dxhat - c1 - xhat * c2) * rstd4
+        # da = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) = A dz + B (x - mean) + C, with dxhat = dz w
+        c1 = (wk * sdz).sum(2, keepdim=True) / p.m                      # (N|1, G, 1, 1)  mean(dxhat)
+        c2 = (wk * sdzxc).sum(2, keepdim=True) * rstd4 / p.m            # (N|1, G, 1, 1)  mean(dxhat xhat)
+        coef_x = -(rstd4 * rstd4 * c2)                                  # B
+        coef_1 = -(rstd4 * c1) - coef_x * delta                         # C, with x - mean = xc - delta
+        da = torch.addcmul(coef_1, coef_x, xc)                          # (N, G, K, R)
+        da = torch.addcmul(da, rstd4 * wk, dz)
     else:
-        da = dxhat * rstd4
+        da = dz * (rstd4 * wk)
     if f is not None and placement == "after":
         da = da * f.grad(x4)
     dx = unview(da.to(x.dtype), x, p)
