@@ -1,17 +1,14 @@
 """The functional norms: torch.nn.functional's signatures, a hand-derived backward, an optional fused activation.
 
 Each public function builds a :class:`~normlab.spec.Plan` (the only place the kinds differ), validates its
-arguments, and runs one :class:`torch.autograd.Function` whose backward is the formula derived in
-:mod:`normlab.reference`; there is no autograd through the math. The forward saves ``(x, mean, rstd)`` and the
-backward recomputes ``xhat``. Which implementation runs (torch ops or Triton kernels) is decided in
-:mod:`normlab.backend`.
+arguments, and runs one custom op, ``torch.ops.normlab.norm_forward`` (registered with :mod:`torch.library`, so
+``torch.compile(fullgraph=True)`` sees a single op), whose autograd formula is ``torch.ops.normlab.norm_backward``:
+the backward derived in :mod:`normlab.reference`, with no autograd through the math. The forward saves
+``(x, mean, rstd)`` and the backward recomputes ``xhat``. Which implementation runs inside the ops (torch or Triton)
+is decided in :mod:`normlab.backend`.
 
-Double backward (``create_graph=True``) works on the torch backend by autograd through the hand-derived backward's
-own tensor operations; the Triton backend supports first derivatives only.
-
-Every function takes ``activation`` (None, ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``, ``"tanh"``, ``"silu"``,
-``"gelu"``) and ``placement``: ``"before"`` applies it to the norm's output (norm → activation, as the paper
-places BN before the non-linearity), ``"after"`` to its input (activation → norm).
+Double backward (``create_graph=True``) falls back to autograd through the torch path's forward (so it also
+differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
 """
 
 from __future__ import annotations
@@ -23,46 +20,109 @@ import torch
 from normlab import activations, backend, torch_ops
 from normlab.spec import Plan, plan
 
+# The norm is two custom ops, so that torch.compile sees one opaque op per direction (no graph break, no tracing
+# into the backend choice or the Triton launch) and autograd runs the hand-derived backward. A plan travels as
+# (kind, groups, normalized_ndim): 0 stands for "not used by this kind".
 
-class _Norm(torch.autograd.Function):
-    """One norm under plan ``p``: ``y = f(norm(x))`` or ``norm(f(x))``; also returns the statistics used."""
 
-    @staticmethod
-    def forward(ctx, x, w, b, stat_mean, stat_var, p: Plan, eps: float, activation, placement):
-        ops = backend.select(x, p)
-        stats = None if stat_mean is None else (stat_mean, stat_var)
-        y, mean, var = ops.forward(x, w, b, p, eps, activation, placement, stats)
-        rstd = (var + eps).rsqrt()
-        ctx.save_for_backward(x, w, b, mean, rstd)
-        ctx.ops, ctx.p, ctx.eps, ctx.activation, ctx.placement = ops, p, eps, activation, placement
-        ctx.batch_stats = stats is None
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+def _plan_of(x: torch.Tensor, kind: str, groups: int, normalized_ndim: int) -> Plan:
+    return plan(kind, x.shape, groups=groups or None, normalized_ndim=normalized_ndim or None)
 
-    @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, w, b, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the torch forward's own ops, so that the graph also carries how
-            # mean and rstd depend on x (the hand-derived backward treats them as saved constants).
-            dx, dw, db = _autograd_backward(ctx, dy, x, w, b, mean, rstd)
-        else:
-            dx, dw, db = ctx.ops.backward(
-                dy, x, w, b, mean, rstd, ctx.p, ctx.activation, ctx.placement, ctx.batch_stats
-            )
-        dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
-        db = db.reshape(b.shape) if need[2] else None
-        return (dx if need[0] else None, dw, db) + (None,) * 6
+
+@torch.library.custom_op("normlab::norm_forward", mutates_args=())
+def _norm_forward(
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    stat_mean: torch.Tensor | None,
+    stat_var: torch.Tensor | None,
+    kind: str,
+    groups: int,
+    normalized_ndim: int,
+    eps: float,
+    activation: str | None,
+    placement: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)``: the norm of x, with its own statistics or the given ``(stat_mean, stat_var)``."""
+    p = _plan_of(x, kind, groups, normalized_ndim)
+    stats = None if stat_mean is None else (stat_mean, stat_var)
+    y, mean, var = backend.select(x, p).forward(x, w, b, p, eps, activation, placement, stats)
+    if stats is not None:  # an op's outputs may not alias its inputs
+        mean, var = mean.clone(), var.clone()
+    return y, mean, var
+
+
+@_norm_forward.register_fake
+def _(x, w, b, stat_mean, stat_var, kind, groups, normalized_ndim, eps, activation, placement):
+    p = _plan_of(x, kind, groups, normalized_ndim)
+    stat = x.new_empty(p.stat_shape, dtype=torch_ops.compute_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch_ops.output_format(x)), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("normlab::norm_backward", mutates_args=())
+def _norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    kind: str,
+    groups: int,
+    normalized_ndim: int,
+    activation: str | None,
+    placement: str,
+    batch_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dw, db)``, the hand-derived gradients; dw/db are empty when w/b are None."""
+    p = _plan_of(x, kind, groups, normalized_ndim)
+    dx, dw, db = backend.select(x, p).backward(dy, x, w, b, mean, rstd, p, activation, placement, batch_stats)
+    return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
+
+
+@_norm_backward.register_fake
+def _(dy, x, w, b, mean, rstd, kind, groups, normalized_ndim, activation, placement, batch_stats):
+    p = _plan_of(x, kind, groups, normalized_ndim)
+    dx = torch.empty_like(x, memory_format=torch_ops.output_format(x))
+    dw = x.new_empty(0) if w is None else w.new_empty(p.affine_size)
+    db = x.new_empty(0) if b is None else b.new_empty(p.affine_size)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, stat_mean, _, kind, groups, normalized_ndim, eps, activation, placement = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, w, b, mean, (var + eps).rsqrt())
+    ctx.args = (kind, groups, normalized_ndim, activation, placement, stat_mean is None)
+    ctx.eps = eps
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    x, w, b, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate the torch forward's own ops, so that the graph also carries how
+        # mean and rstd depend on x (the hand-derived backward treats them as saved constants).
+        dx, dw, db = _autograd_backward(ctx, dy, x, w, b, mean, rstd)
+    else:
+        dx, dw, db = torch.ops.normlab.norm_backward(dy, x, w, b, mean, rstd, *ctx.args)
+    dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
+    db = db.reshape(b.shape) if need[2] else None
+    return (dx if need[0] else None, dw, db) + (None,) * 8
+
+
+_norm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _autograd_backward(ctx, dy, x, w, b, mean, rstd):
-    eps = ctx.eps
-    stats = None if ctx.batch_stats else (mean, rstd.pow(-2) - eps)
-    y, _, _ = torch_ops.forward(x, w, b, ctx.p, eps, ctx.activation, ctx.placement, stats)
-    wrt = [t for t, need in zip((x, w, b), ctx.needs_input_grad) if need and t is not None]
+    kind, groups, normalized_ndim, activation, placement, batch_stats = ctx.args
+    p = _plan_of(x, kind, groups, normalized_ndim)
+    stats = None if batch_stats else (mean, rstd.pow(-2) - ctx.eps)
+    y, _, _ = torch_ops.forward(x, w, b, p, ctx.eps, activation, placement, stats)
+    inputs = (x, w, b)
+    wrt = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
     grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if (need and t is not None) else None for t, need in zip((x, w, b), ctx.needs_input_grad))
+    return tuple(next(grads) if (need and t is not None) else None for t, need in zip(inputs, ctx.needs_input_grad))
 
 
 def _check_input(input, eps: float, activation, placement) -> None:
@@ -82,7 +142,10 @@ def _check_vector(t, name: str, shape: tuple[int, ...], what: str) -> None:
 
 def _norm(x, w, b, p: Plan, eps, activation, placement, stats=None):
     mean, var = stats if stats is not None else (None, None)
-    return _Norm.apply(x, w, b, mean, var, p, float(eps), activation, placement)
+    groups = p.G if p.kind == "group" else 0
+    return torch.ops.normlab.norm_forward(
+        x, w, b, mean, var, p.kind, groups, p.normalized_ndim, float(eps), activation, placement
+    )
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ This module is pure Python: the NumPy reference, the torch path and the Triton k
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -49,6 +48,7 @@ class Plan:
         shape: the logical input shape.
         N, G, K, R: the view's sizes; ``N * G * K * R == prod(shape)``.
         pool_batch: statistics pool over N as well (batch norm) instead of per sample.
+        normalized_ndim: for layer norm, how many trailing dims are normalized (0 for the other kinds).
     """
 
     kind: str
@@ -58,6 +58,7 @@ class Plan:
     K: int
     R: int
     pool_batch: bool
+    normalized_ndim: int = 0
 
     @property
     def view_shape(self) -> tuple[int, int, int, int]:
@@ -95,7 +96,10 @@ class Plan:
 
 
 def _prod(xs: Sequence[int]) -> int:
-    return math.prod(int(v) for v in xs)
+    out = 1
+    for v in xs:  # a plain loop: torch.compile traces it, where it graph-breaks on math.prod of a generator
+        out *= v
+    return out
 
 
 def plan(kind: str, shape: Sequence[int], *, groups: int | None = None, normalized_ndim: int | None = None) -> Plan:
@@ -110,7 +114,7 @@ def plan(kind: str, shape: Sequence[int], *, groups: int | None = None, normaliz
     Raises:
         ValueError: unknown kind, too few dims, or groups not dividing the channels.
     """
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(shape)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "layer":
@@ -119,7 +123,8 @@ def plan(kind: str, shape: Sequence[int], *, groups: int | None = None, normaliz
                 f"layer norm needs 1 <= normalized_ndim <= input dims ({len(shape)}), got {normalized_ndim}"
             )
         lead, norm = shape[: len(shape) - normalized_ndim], shape[len(shape) - normalized_ndim :]
-        return Plan(kind, shape, N=_prod(lead), G=1, K=_prod(norm), R=1, pool_batch=False)
+        k = normalized_ndim
+        return Plan(kind, shape, N=_prod(lead), G=1, K=_prod(norm), R=1, pool_batch=False, normalized_ndim=k)
     if len(shape) < 2:
         raise ValueError(f"{kind} norm expects an input of shape (N, C, *S) with at least 2 dims, got shape {shape}")
     n, c, spatial = shape[0], shape[1], _prod(shape[2:])

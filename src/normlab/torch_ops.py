@@ -45,14 +45,20 @@ def view4(t: torch.Tensor, p: Plan) -> torch.Tensor:
     return t.reshape(p.view_shape)
 
 
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a norm's output (and of dx) for input ``x``: channels_last stays channels_last."""
+    if _is_channels_last(x):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def unview(t4: torch.Tensor, like: torch.Tensor, p: Plan) -> torch.Tensor:
     """Inverse of :func:`view4`: back to ``p.shape`` in the memory format of ``like``."""
     if p.kind != "layer" and _is_channels_last(like):
         s = like.shape
         out = t4.permute(0, 3, 1, 2).reshape(s[0], *s[2:], s[1]).movedim(-1, 1)
-        fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
-        return out.contiguous(memory_format=fmt)
-    return t4.reshape(p.shape)
+        return out.contiguous(memory_format=output_format(like))
+    return t4.reshape(p.shape).contiguous()
 
 
 def _stat4(t: torch.Tensor, p: Plan, dtype: torch.dtype) -> torch.Tensor:
@@ -85,7 +91,8 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     if f is not None and placement == "after":
         a = f.fn(a)
     if stats is None and p.numel == 0:  # an empty batch has no statistics (and updates nothing)
-        mean = var = torch.full((p.stat_shape[0], p.G, 1, 1), float("nan"), dtype=cdt, device=x.device)
+        mean = torch.full((p.stat_shape[0], p.G, 1, 1), float("nan"), dtype=cdt, device=x.device)
+        var = mean.clone()
         xc = a - mean
     elif stats is None:
         # Shifted data: d = a - (one value of each statistic's set) is exact and of the spread's size, so its
