@@ -25,8 +25,9 @@ TOLERANCES = [
     (torch.float64, 1e-10, 1e-8),
     (torch.float32, 1e-5, 1e-4),
     (torch.bfloat16, 3e-2, 3e-2),
+    (torch.float16, 4e-3, 4e-3),
 ]
-DTYPES = [t[0] for t in TOLERANCES]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]  # against torch.nn (float16: against the reference)
 TOL = {dtype: (atol, rtol) for dtype, atol, rtol in TOLERANCES}
 
 

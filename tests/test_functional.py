@@ -36,7 +36,7 @@ def test_batch_norm_matches_torch_functional(shape, training):
      ("layer", (3, 2, 5), {"normalized_ndim": 2})],
 )
 @pytest.mark.parametrize("activation, placement", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_matches_reference(kind, shape, kw, activation, placement, dtype):
     """Output and all three gradients against the float64 reference, in each dtype."""
     p = plan(kind, shape, **kw)
