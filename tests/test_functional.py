@@ -17,8 +17,10 @@ ACTS = [(None, "before")] + [(a, pl) for a in sorted(reference.ACTIVATIONS) for 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
-def test_batch_norm_matches_torch_functional(shape, training):
-    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+@pytest.mark.parametrize("chunk", [1 << 18, 5])
+def test_batch_norm_matches_torch_functional(shape, training, chunk, monkeypatch):
+    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
     c = shape[1]
     w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
     rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
@@ -26,6 +28,8 @@ def test_batch_norm_matches_torch_functional(shape, training):
     y = F.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-3)
     y2 = TF.batch_norm(x, rm2, rv2, w, b, training, 0.3, 1e-3)
     torch.testing.assert_close(y, y2)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y2, x, dy)[0])
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
 
@@ -36,9 +40,15 @@ def test_batch_norm_matches_torch_functional(shape, training):
      ("layer", (3, 2, 5), {"normalized_ndim": 2})],
 )
 @pytest.mark.parametrize("activation, placement", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_matches_reference(kind, shape, kw, activation, placement, dtype):
-    """Output and all three gradients against the float64 reference, in each dtype."""
+@pytest.mark.parametrize(
+    "dtype, chunk",
+    [(torch.float64, 1 << 18), (torch.float32, 1 << 18), (torch.bfloat16, 1 << 18), (torch.float16, 1 << 18),
+     (torch.float64, 7), (torch.float32, 16)],
+)
+def test_matches_reference(kind, shape, kw, activation, placement, dtype, chunk, monkeypatch):
+    """Output and all three gradients against the float64 reference, in each dtype; a small ``chunk`` makes the
+    torch path process a few rows at a time, as it does on large inputs."""
+    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
     p = plan(kind, shape, **kw)
     rng = np.random.default_rng(0)
     x64 = rng.normal(size=shape) * 2 + 0.5
@@ -67,8 +77,10 @@ def test_matches_reference(kind, shape, kw, activation, placement, dtype):
     assert_close(db, torch.tensor(db_ref), dtype, scale=8, what="db")
 
 
-def test_large_mean_small_spread_float32():
+@pytest.mark.parametrize("chunk", [1 << 18, 40])
+def test_large_mean_small_spread_float32(chunk, monkeypatch):
     """Mean 1e4 and std 1e-2 in float32: E[x^2] - E[x]^2 loses every digit; shifted, centered sums keep them."""
+    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
     x = (torch.randn(64, 4, 9, dtype=torch.float64) * 1e-2 + 1e4).float()
     naive_var = (x * x).mean((0, 2)) - x.mean((0, 2)) ** 2
     true_var = x.double().var(dim=(0, 2), unbiased=False)
@@ -87,7 +99,9 @@ def test_large_mean_small_spread_float32():
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 2, 2, 3, 4)])
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
-def test_channels_last_kept_and_correct(shape, kind):
+@pytest.mark.parametrize("chunk", [1 << 18, 10])
+def test_channels_last_kept_and_correct(shape, kind, chunk, monkeypatch):
+    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
     x = torch.randn(shape, dtype=torch.float64)
     xc = channels_last(x)
     run = {

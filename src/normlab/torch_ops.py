@@ -69,6 +69,21 @@ def _affine4(t: torch.Tensor | None, p: Plan, dtype: torch.dtype) -> torch.Tenso
     return None if t is None else t.to(dtype).reshape(1, p.G, p.K, 1)
 
 
+# Rows of the (N, G, K, R) view processed at a time: about 2^18 values (1 MiB of float32), so the temporaries of
+# a chunk stay in cache. Each direction reads its inputs twice from memory (statistics/sums, then the output),
+# like torch's own kernels, instead of once per tensor operation.
+CHUNK_VALUES = 1 << 18
+
+
+def _chunks(p: Plan):
+    rows = max(1, CHUNK_VALUES // max(p.G * p.K * p.R, 1))
+    return [(n0, min(n0 + rows, p.N)) for n0 in range(0, p.N, rows)]
+
+
+def _act_in(a: torch.Tensor, f, placement: str) -> torch.Tensor:
+    return f.fn(a) if (f is not None and placement == "after") else a
+
+
 def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", stats=None):
     """Normalize ``x`` (shape ``p.shape``); returns ``(y, mean, var)``.
 
@@ -87,34 +102,68 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     """
     f = ACTIVATIONS[activation] if activation else None
     cdt = compute_dtype(x.dtype)
-    a = view4(x, p).to(cdt)                                             # (N, G, K, R)
-    if f is not None and placement == "after":
-        a = f.fn(a)
-    if stats is None and p.numel == 0:  # an empty batch has no statistics (and updates nothing)
-        mean = torch.full((p.stat_shape[0], p.G, 1, 1), float("nan"), dtype=cdt, device=x.device)
-        var = mean.clone()
-        xc = a - mean
-    elif stats is None:
-        # Shifted data: d = a - (one value of each statistic's set) is exact and of the spread's size, so its
-        # mean and squares keep their digits even when |mean| >> std; on the CPU this is also far faster than
-        # torch.var_mean over non-trailing axes.
-        shift = a[:, :, :1, :1] if not p.pool_batch else a[:1, :, :1, :1]  # (N|1, G, 1, 1)
-        d = a - shift                                                   # (N, G, K, R)
-        d_mean = d.mean(p.stat_axes, keepdim=True)                      # (N|1, G, 1, 1)
-        xc = d - d_mean                                                 # (N, G, K, R)
-        var = (xc * xc).mean(p.stat_axes, keepdim=True)                 # (N|1, G, 1, 1)
-        mean = shift + d_mean
-    else:
+    x4 = view4(x, p)                                                    # (N, G, K, R)
+    chunks = _chunks(p)
+    if stats is not None:
         mean, var = _stat4(stats[0], p, cdt), _stat4(stats[1], p, cdt)
-        xc = a - mean
+        shift, d_mean = mean, torch.zeros_like(mean)
+    else:
+        # Shifted sums: d = a - shift, with shift a rough mean of each statistic's values, keeps the digits of
+        # the spread even when |mean| >> std (E[x^2] - E[x]^2 would not). Pooled statistics share the first
+        # chunk's shift; per-sample ones take each row's own.
+        s1 = torch.zeros(p.stat_shape[0], p.G, 1, 1, dtype=cdt, device=x.device)  # Σ d
+        s2 = torch.zeros_like(s1)                                                   # Σ d²
+        shift = torch.zeros_like(s1)
+        if p.pool_batch and p.numel:
+            n0, n1 = chunks[0]
+            shift = _act_in(x4[n0:n1].to(cdt), f, placement).mean(p.stat_axes, keepdim=True)
+        for n0, n1 in chunks:
+            a = _act_in(x4[n0:n1].to(cdt), f, placement)                 # (rows, G, K, R)
+            if not p.pool_batch:
+                shift[n0:n1] = a.mean(p.stat_axes, keepdim=True)
+            d = a - (shift if p.pool_batch else shift[n0:n1])
+            rows = slice(None) if p.pool_batch else slice(n0, n1)
+            s1[rows] += d.sum(p.stat_axes, keepdim=True)
+            s2[rows] += (d * d).sum(p.stat_axes, keepdim=True)
+        d_mean = s1 / p.m                                                # (N|1, G, 1, 1); NaN for an empty batch
+        mean = shift + d_mean
+        var = (s2 / p.m - d_mean * d_mean).clamp_(min=0)
     rstd = (var + eps).rsqrt()                                          # (N|1, G, 1, 1)
     w4, b4 = _affine4(w, p, cdt), _affine4(b, p, cdt)
     scale = rstd if w4 is None else rstd * w4                           # (N|1, G, K|1, 1)
-    z = xc * scale if b4 is None else torch.addcmul(b4, xc, scale)      # (N, G, K, R)
-    if f is not None and placement == "before":
-        z = f.fn(z)
-    y = unview(z.to(x.dtype), x, p)
+    # z = (a - shift) * scale + (b - d_mean * scale): the float32 sum shift + d_mean is never formed, so its
+    # rounding does not reach the output.
+    offset = -d_mean * scale if b4 is None else b4 - d_mean * scale     # (N|1, G, K|1, 1)
+    y = torch.empty_like(x, memory_format=output_format(x))
+    y4 = view4(y, p)
+    for n0, n1 in chunks:
+        rows = slice(None) if mean.shape[0] == 1 else slice(n0, n1)
+        d = _act_in(x4[n0:n1].to(cdt), f, placement) - shift[rows]
+        z = torch.addcmul(offset[rows], d, scale[rows])                 # (rows, G, K, R)
+        y4[n0:n1] = z if (f is None or placement == "after") else f.fn(z)
     return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
+
+
+def forward_autograd(x, w, b, p: Plan, eps: float, activation=None, placement="before", stats=None):
+    """:func:`forward`'s output as plain differentiable tensor operations (the textbook formula, unchunked).
+
+    Used only for double backward, where autograd must also see how mean and rstd depend on x.
+    """
+    f = ACTIVATIONS[activation] if activation else None
+    cdt = compute_dtype(x.dtype)
+    a = _act_in(view4(x, p).to(cdt), f, placement)                      # (N, G, K, R)
+    if stats is None:
+        mean = a.mean(p.stat_axes, keepdim=True)
+        var = ((a - mean) ** 2).mean(p.stat_axes, keepdim=True)
+    else:
+        mean, var = _stat4(stats[0], p, cdt), _stat4(stats[1], p, cdt)
+    z = (a - mean) * (var + eps).rsqrt()
+    if w is not None:
+        z = z * _affine4(w, p, cdt)
+    if b is not None:
+        z = z + _affine4(b, p, cdt)
+    z = z if (f is None or placement == "after") else f.fn(z)
+    return unview(z.to(x.dtype), x, p)
 
 
 def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="before", batch_stats=True):
@@ -129,37 +178,60 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     """
     f = ACTIVATIONS[activation] if activation else None
     cdt = mean.dtype
-    x4 = view4(x, p).to(cdt)                                            # (N, G, K, R)
-    a = f.fn(x4) if (f is not None and placement == "after") else x4
+    x4, dy4 = view4(x, p), view4(dy, p)                                 # (N, G, K, R)
     mean4, rstd4 = _stat4(mean, p, cdt), _stat4(rstd, p, cdt)          # (N|1, G, 1, 1)
-    w4 = _affine4(w, p, cdt)                                            # (1, G, K, 1) or None
-    xc = a - mean4                                                      # (N, G, K, R)
-    # The saved float32 mean is rounded (by up to half an ulp of |mean|, a lot when |mean| >> std); its exact
-    # offset from x's mean, delta, is folded into the per-statistic coefficients below at the cost of one read.
-    delta = xc.mean(p.stat_axes, keepdim=True) if batch_stats else torch.zeros_like(mean4)  # (N|1, G, 1, 1)
-    dz = view4(dy, p).to(cdt)                                           # (N, G, K, R)
-    if f is not None and placement == "before":
-        scale = rstd4 if w4 is None else rstd4 * w4
-        shift = -delta * scale if b is None else _affine4(b, p, cdt) - delta * scale
-        dz = dz * f.grad(torch.addcmul(shift, xc, scale))               # f'(z), z recomputed
-    # Per (statistic, affine entry) sums; everything after them is (N|1, G, K, 1)-sized.
+    w4, b4 = _affine4(w, p, cdt), _affine4(b, p, cdt)                  # (1, G, K, 1) or None
+    wk = 1.0 if w4 is None else w4
+    chunks = _chunks(p)
+    per_row = mean4.shape[0] > 1
+
+    def chunk(n0, n1, delta):
+        """x - mean and dz = ∂l/∂z for rows n0:n1 (recomputed in each sweep rather than stored)."""
+        rows = slice(n0, n1) if per_row else slice(None)
+        xc = _act_in(x4[n0:n1].to(cdt), f, placement) - mean4[rows]     # (rows, G, K, R)
+        dz = dy4[n0:n1].to(cdt)
+        if f is not None and placement == "before":
+            scale = rstd4[rows] * wk
+            shift = -delta[rows] * scale if b4 is None else b4 - delta[rows] * scale
+            dz = dz * f.grad(torch.addcmul(shift, xc, scale))            # f'(z), z recomputed
+        return rows, xc, dz
+
+    # Sweep 1: per (statistic, affine entry) sums. The saved float32 mean is rounded (by up to half an ulp of
+    # |mean|, a lot when |mean| >> std); delta, its exact offset from x's mean, is folded into the coefficients.
     sum_axes = (0, 3) if p.pool_batch else (3,)
-    sdz = dz.sum(sum_axes, keepdim=True)                                # (N|1, G, K, 1)  Σ dz
-    sdzxc = (dz * xc).sum(sum_axes, keepdim=True) - delta * sdz         # (N|1, G, K, 1)  Σ dz (x - mean)
+    acc_shape = (mean4.shape[0], p.G, p.K, 1)
+    sdz = torch.zeros(acc_shape, dtype=cdt, device=x.device)            # Σ dz
+    sdzxc = torch.zeros_like(sdz)                                       # Σ dz (x - mean)
+    delta = torch.zeros_like(mean4)                                     # E[x - mean]
+    if batch_stats:
+        for n0, n1 in chunks:
+            rows = slice(n0, n1) if per_row else slice(None)
+            delta[rows] += (_act_in(x4[n0:n1].to(cdt), f, placement) - mean4[rows]).sum(p.stat_axes, keepdim=True)
+        delta /= p.m
+    for n0, n1 in chunks:
+        rows, xc, dz = chunk(n0, n1, delta)
+        sdz[rows] += dz.sum(sum_axes, keepdim=True)
+        sdzxc[rows] += (dz * xc).sum(sum_axes, keepdim=True)
+    sdzxc -= delta * sdz
     db = sdz.sum(0).reshape(-1) if b is not None else None              # (G*K,)
     dw = (sdzxc * rstd4).sum(0).reshape(-1) if w is not None else None  # (G*K,)  Σ dz xhat
-    wk = 1.0 if w4 is None else w4                                      # (1, G, K, 1)
     if batch_stats:
         # da = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) = A dz + B (x - mean) + C, with dxhat = dz w
         c1 = (wk * sdz).sum(2, keepdim=True) / p.m                      # (N|1, G, 1, 1)  mean(dxhat)
         c2 = (wk * sdzxc).sum(2, keepdim=True) * rstd4 / p.m            # (N|1, G, 1, 1)  mean(dxhat xhat)
         coef_x = -(rstd4 * rstd4 * c2)                                  # B
         coef_1 = -(rstd4 * c1) - coef_x * delta                         # C, with x - mean = xc - delta
-        da = torch.addcmul(coef_1, coef_x, xc)                          # (N, G, K, R)
-        da = torch.addcmul(da, rstd4 * wk, dz)
     else:
-        da = dz * (rstd4 * wk)
-    if f is not None and placement == "after":
-        da = da * f.grad(x4)
-    dx = unview(da.to(x.dtype), x, p)
+        coef_x = coef_1 = torch.zeros_like(mean4)
+    coef_dz = rstd4 * wk                                                # A
+    # Sweep 2: dx.
+    dx = torch.empty_like(x, memory_format=output_format(x))
+    dx4 = view4(dx, p)
+    for n0, n1 in chunks:
+        rows, xc, dz = chunk(n0, n1, delta)
+        da = torch.addcmul(coef_1[rows], coef_x[rows], xc)
+        da = torch.addcmul(da, coef_dz[rows], dz)                        # (rows, G, K, R)
+        if f is not None and placement == "after":
+            da = da * f.grad(x4[n0:n1].to(cdt))
+        dx4[n0:n1] = da
     return dx, (None if dw is None else dw.to(w.dtype)), (None if db is None else db.to(b.dtype))
