@@ -20,16 +20,16 @@ import torch
 from normlab import activations, backend, torch_ops
 from normlab.spec import Plan, plan
 
-# The norm is two custom ops, so that torch.compile sees one opaque op per direction (no graph break, no tracing
-# into the backend choice or the Triton launch) and autograd runs the hand-derived backward. A plan travels as
-# (kind, groups, normalized_ndim): 0 stands for "not used by this kind".
+# The norm is two functions, forward and hand-derived backward. Under torch.compile they are two custom ops, so the
+# compiler sees one opaque op per direction (no graph break, no tracing into the backend choice or the Triton
+# launch); in eager mode the same functions run through a plain autograd.Function, which costs a fraction of the
+# custom-op dispatch on small inputs. A plan travels as (kind, groups, normalized_ndim): 0 = not used by the kind.
 
 
 def _plan_of(x: torch.Tensor, kind: str, groups: int, normalized_ndim: int) -> Plan:
     return plan(kind, x.shape, groups=groups or None, normalized_ndim=normalized_ndim or None)
 
 
-@torch.library.custom_op("normlab::norm_forward", mutates_args=())
 def _norm_forward(
     x: torch.Tensor,
     w: torch.Tensor | None,
@@ -52,14 +52,16 @@ def _norm_forward(
     return y, mean, var
 
 
-@_norm_forward.register_fake
+_norm_forward_op = torch.library.custom_op("normlab::norm_forward", _norm_forward, mutates_args=())
+
+
+@_norm_forward_op.register_fake
 def _(x, w, b, stat_mean, stat_var, kind, groups, normalized_ndim, eps, activation, placement):
     p = _plan_of(x, kind, groups, normalized_ndim)
     stat = x.new_empty(p.stat_shape, dtype=torch_ops.compute_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch_ops.output_format(x)), stat, torch.empty_like(stat)
 
 
-@torch.library.custom_op("normlab::norm_backward", mutates_args=())
 def _norm_backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -80,7 +82,10 @@ def _norm_backward(
     return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 
-@_norm_backward.register_fake
+_norm_backward_op = torch.library.custom_op("normlab::norm_backward", _norm_backward, mutates_args=())
+
+
+@_norm_backward_op.register_fake
 def _(dy, x, w, b, mean, rstd, kind, groups, normalized_ndim, activation, placement, batch_stats):
     p = _plan_of(x, kind, groups, normalized_ndim)
     dx = torch.empty_like(x, memory_format=torch_ops.output_format(x))
@@ -105,13 +110,29 @@ def _backward(ctx, dy, _dmean, _dvar):
         # mean and rstd depend on x (the hand-derived backward treats them as saved constants).
         dx, dw, db = _autograd_backward(ctx, dy, x, w, b, mean, rstd)
     else:
-        dx, dw, db = torch.ops.normlab.norm_backward(dy, x, w, b, mean, rstd, *ctx.args)
+        run = _norm_backward_op if torch.compiler.is_compiling() else _norm_backward
+        dx, dw, db = run(dy, x, w, b, mean, rstd, *ctx.args)
     dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
     db = db.reshape(b.shape) if need[2] else None
     return (dx if need[0] else None, dw, db) + (None,) * 8
 
 
-_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _NormFunction(torch.autograd.Function):
+    """The eager-mode twin of ``normlab::norm_forward``: the same forward, context and backward functions.
+
+    (The ``forward(ctx, ...)`` form: with a separate ``setup_context``, every call binds a signature with inspect.)
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _norm_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
 
 
 def _autograd_backward(ctx, dy, x, w, b, mean, rstd):
@@ -143,9 +164,8 @@ def _check_vector(t, name: str, shape: tuple[int, ...], what: str) -> None:
 def _norm(x, w, b, p: Plan, eps, activation, placement, stats=None):
     mean, var = stats if stats is not None else (None, None)
     groups = p.G if p.kind == "group" else 0
-    return torch.ops.normlab.norm_forward(
-        x, w, b, mean, var, p.kind, groups, p.normalized_ndim, float(eps), activation, placement
-    )
+    run = _norm_forward_op if torch.compiler.is_compiling() else _NormFunction.apply
+    return run(x, w, b, mean, var, p.kind, groups, p.normalized_ndim, float(eps), activation, placement)
 
 
 @torch.no_grad()
@@ -176,19 +196,17 @@ def update_running_stats(
     """
     if momentum is None and num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    mean = mean.reshape(-1).to(running_mean.dtype)
-    var = (var.reshape(-1) * (m / max(m - 1, 1))).to(running_var.dtype)
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    batch = torch.stack((mean.reshape(-1), var.reshape(-1) * (m / max(m - 1, 1)))).to(running_mean.dtype)  # (2, C)
+    finite = batch.isfinite().all()
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(finite)
     if num_skipped is not None:
-        num_skipped.add_((~finite).to(num_skipped.dtype))
-    if momentum is None:
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    else:
-        factor = torch.tensor(momentum, dtype=running_mean.dtype, device=running_mean.device)
-    for running, batch in ((running_mean, mean), (running_var, var)):
-        running.copy_(torch.where(finite, factor * batch + (1 - factor) * running, running))
+        num_skipped.add_(~finite)
+    factor = momentum if momentum is not None else 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
+    running = torch.stack((running_mean, running_var))                                            # (2, C)
+    running = torch.where(finite, torch.lerp(running, batch, factor), running)
+    running_mean.copy_(running[0])
+    running_var.copy_(running[1])
 
 
 def batch_norm(

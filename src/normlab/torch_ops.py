@@ -139,8 +139,10 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     for n0, n1 in chunks:
         rows = slice(None) if mean.shape[0] == 1 else slice(n0, n1)
         d = _act_in(x4[n0:n1].to(cdt), f, placement) - shift[rows]
-        z = torch.addcmul(offset[rows], d, scale[rows])                 # (rows, G, K, R)
-        y4[n0:n1] = z if (f is None or placement == "after") else f.fn(z)
+        if f is None or placement == "after":
+            torch.addcmul(offset[rows], d, scale[rows], out=y4[n0:n1])  # (rows, G, K, R)
+        else:
+            y4[n0:n1] = f.fn(torch.addcmul(offset[rows], d, scale[rows]))
     return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
 
 
