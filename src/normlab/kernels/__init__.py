@@ -1,0 +1,65 @@
+"""Fused Triton kernels for batch, instance and group norm with an optional activation (forward, eval, backward).
+
+The same two functions as :mod:`normlab.torch_ops`, with the same contract, plus :func:`supports`.
+:mod:`normlab.backend` chooses this module for CUDA tensors when Triton imports and :func:`supports` is True.
+Importing ``normlab`` never imports this package; importing this package imports Triton.
+
+Layer norm (``G = 1``, ``R = 1``: the statistic runs along the channels) is not handled here: :func:`supports`
+returns False and the torch path runs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from normlab.kernels import launch
+from normlab.spec import Plan
+
+__all__ = ["backward", "forward", "supports"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(x: torch.Tensor, p: Plan) -> bool:
+    """Whether the kernels handle normalizing ``x`` under plan ``p`` (else the torch path should)."""
+    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return (
+        on_device
+        and x.dtype in _DTYPES
+        and p.kind in ("batch", "instance", "group")
+        and x.dim() >= 2
+        and x.numel() > 0
+        and tuple(x.shape) == p.shape
+    )
+
+
+def _act(activation: str | None) -> str:
+    return activation or ""
+
+
+def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", stats=None):
+    """Normalize ``x`` (shape ``p.shape``); returns ``(y, mean, var)``. Same contract as
+    :func:`normlab.torch_ops.forward`: y like x (dtype and memory format), float32 statistics of shape
+    ``p.stat_shape`` (for given ``stats``: those stats)."""
+    after = placement == "after"
+    common = (p.G, p.K, not p.pool_batch, float(eps), _act(activation), after)
+    if stats is None:
+        y, mean, var = launch.norm_fwd(x, w, b, *common)
+    else:
+        mean = stats[0].reshape(-1).to(torch.float32).contiguous()
+        var = stats[1].reshape(-1).to(torch.float32).contiguous()
+        y = launch.norm_apply(x, w, b, mean, var, *common)
+    return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
+
+
+def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="before", batch_stats=True):
+    """Gradients of :func:`forward`: ``(dx, dw, db)``, dw and db None when w and b are None (flat, in their
+    dtypes). Same contract as :func:`normlab.torch_ops.backward`."""
+    dx, dw, db = launch.norm_bwd(
+        dy, x, w, b,
+        mean.reshape(-1).to(torch.float32).contiguous(), rstd.reshape(-1).to(torch.float32).contiguous(),
+        p.G, p.K, not p.pool_batch, _act(activation), placement == "after", bool(batch_stats),
+    )  # fmt: skip
+    return dx, (None if w is None else dw), (None if b is None else db)

@@ -1,0 +1,258 @@
+"""Launchers: tensors in, tensors out. Pick tiles and grids, allocate outputs, run the kernels of :mod:`.norm`.
+
+The launchers are plain functions: :mod:`normlab.functional` wraps whichever backend runs in its own
+``torch.library`` ops (``normlab::norm_forward``, ``normlab::norm_backward``), which is what ``torch.compile`` sees.
+
+The input is addressed as ``(N, C, R)`` with strides ``(s_n, s_c, s_r)``: NCHW-like contiguous ``(C*R, R, 1)`` or
+channels_last ``(R*C, 1, C)``. Other layouts are copied to contiguous first. When statistics pool over the batch
+and rows of different samples are evenly strided (channels_last, or ``R == 1``), the batch is folded into the
+positions (``N = 1``, ``R = N * R``), so ``(N, C)`` and NHWC inputs are one long strided matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from normlab.kernels import norm
+from normlab.torch_ops import _is_channels_last
+
+
+@dataclass
+class Tuning:
+    """Tile sizes; None picks them from the shape. Tests shrink them to exercise many tiles on tiny inputs."""
+
+    tile: int = 4096  # elements per (BLOCK_C, BLOCK_R) tile
+    block_c: Optional[int] = None
+    block_r: Optional[int] = None
+    programs: Optional[int] = None  # target number of reduction programs; None: 4 per SM on CUDA, 8 elsewhere
+    merge_block: int = 64  # BLOCK_S / BLOCK_J / BLOCK_T / BLOCK_K of the merge kernels
+
+
+TUNING = Tuning()
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    N: int  # samples (1 when folded into R)
+    C: int  # channels = G * K
+    R: int  # positions per sample
+    G: int
+    K: int
+    s_n: int
+    s_c: int
+    s_r: int
+    per_sample: bool
+    m: int  # values per statistic
+
+    @property
+    def out(self) -> int:
+        """Output rows of the reductions: one per sample, or one for the whole batch."""
+        return self.N if self.per_sample else 1
+
+    @property
+    def S(self) -> int:
+        """Number of statistics."""
+        return self.out * self.G
+
+
+def _geometry(x: torch.Tensor, G: int, K: int, per_sample: bool, channels_last: bool) -> _Geometry:
+    N, C = x.shape[0], x.shape[1]
+    R = x.numel() // max(N * C, 1)
+    s_n, s_c, s_r = (R * C, 1, C) if channels_last else (C * R, R, 1)
+    m = K * R * (1 if per_sample else N)
+    if not per_sample and (R == 1 or s_n == R * s_r):
+        s_r = s_r if R > 1 else s_n
+        N, R, s_n = 1, N * R, 0
+    return _Geometry(N, C, R, G, K, s_n, s_c, s_r, per_sample, m)
+
+
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _blocks(g: _Geometry) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_R, num_warps)``: a tile of about ``TUNING.tile`` elements along the contiguous axis."""
+    t = TUNING
+    if g.s_c == 1:  # channels contiguous: wide in C, a few rows
+        block_c = t.block_c or min(_pow2(g.C), 128)
+        block_r = t.block_r or max(1, min(_pow2(g.R), t.tile // block_c))
+    else:  # positions contiguous: whole runs of R when short, several channels per tile
+        if t.block_r:
+            block_r = t.block_r
+        elif g.R <= 1024:
+            block_r = _pow2(g.R)
+        else:  # least padding, ties to the larger block
+            block_r = min((256, 512, 1024), key=lambda b: (triton.cdiv(g.R, b) * b, -b))
+        block_c = t.block_c or max(1, min(_pow2(g.C), t.tile // block_r))
+    return block_c, block_r, (8 if block_c * block_r >= 4096 else 4)
+
+
+def _split(g: _Geometry, block_c: int, block_r: int, device: torch.device) -> tuple[int, int, int, int]:
+    """Row blocks of the reductions: ``(nrb, lim, T, BPP)``, so that ``OUT * T * cdiv(C, BLOCK_C)`` programs of
+    ``BPP`` row blocks each keep every SM busy even when C is small."""
+    nrb = triton.cdiv(g.R, block_r)
+    lim = nrb if g.per_sample else g.N * nrb
+    target = TUNING.programs
+    if target is None:
+        if device.type == "cuda":
+            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            target = 8
+    per_row = max(1, target // (g.out * triton.cdiv(g.C, block_c)))
+    bpp = triton.cdiv(lim, min(lim, per_row))
+    return nrb, lim, triton.cdiv(lim, bpp), bpp
+
+
+def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` contiguous or channels_last (copied only when it is neither), and whether it is channels_last."""
+    if _is_channels_last(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def _like(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if not channels_last:
+        return t.contiguous()
+    return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+
+
+def _vec(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A flat contiguous vector, or a placeholder pointer for an absent one (never read)."""
+    return like if t is None else t.reshape(-1).contiguous()
+
+
+def _act_args(activation: str, after: bool) -> dict:
+    return {"ACT": activation, "AFTER": bool(after and activation)}
+
+
+def _reduce_stats(x: torch.Tensor, g: _Geometry, activation: str, after: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    block_c, block_r, warps = _blocks(g)
+    nrb, lim, T, bpp = _split(g, block_c, block_r, x.device)
+    part = torch.empty((3, g.out, g.C, T), device=x.device, dtype=torch.float32)
+    norm._stats_partial_kernel[(g.out * T, triton.cdiv(g.C, block_c))](
+        x, part, g.C, g.R, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, g.K, bpp,
+        **_act_args(activation, after), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    )  # fmt: skip
+    mean = torch.empty(g.S, device=x.device, dtype=torch.float32)
+    var = torch.empty(g.S, device=x.device, dtype=torch.float32)
+    mb = TUNING.merge_block
+    norm._stats_merge_kernel[(triton.cdiv(g.S, mb),)](
+        part, x, mean, var, g.S, g.K * T, g.G, g.K, g.s_n, g.s_c,
+        **_act_args(activation, after), PER_SAMPLE=g.per_sample, BLOCK_S=mb, BLOCK_J=mb,
+    )  # fmt: skip
+    return mean, var
+
+
+def _apply(x, w, b, mean, var, g: _Geometry, eps: float, activation: str, after: bool) -> torch.Tensor:
+    y = torch.empty_like(x)
+    block_c, block_r, warps = _blocks(g)
+    nrb = triton.cdiv(g.R, block_r)
+    norm._apply_kernel[(g.N * nrb, triton.cdiv(g.C, block_c))](
+        x, y, _vec(w, mean), _vec(b, mean), mean, var, eps,
+        g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
+        **_act_args(activation, after), PER_SAMPLE=g.per_sample, HAS_W=w is not None, HAS_B=b is not None,
+        BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def _n_stats(x: torch.Tensor, G: int, per_sample: bool) -> int:
+    return (x.shape[0] if per_sample else 1) * G
+
+
+def norm_fwd(
+    x: torch.Tensor,
+    w: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    G: int,
+    K: int,
+    per_sample: bool,
+    eps: float,
+    activation: str,
+    after: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward: ``(y, mean, var)`` with the batch's own statistics (flat, float32)."""
+    x, cl = _canonical(x)
+    g = _geometry(x, G, K, per_sample, cl)
+    mean, var = _reduce_stats(x, g, activation, after)
+    return _apply(x, w, b, mean, var, g, eps, activation, after), mean, var
+
+
+def norm_apply(
+    x: torch.Tensor,
+    w: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    G: int,
+    K: int,
+    per_sample: bool,
+    eps: float,
+    activation: str,
+    after: bool,
+) -> torch.Tensor:
+    """Eval forward: ``y`` normalized with the given float32 ``mean`` and ``var`` (flat, one per statistic)."""
+    x, cl = _canonical(x)
+    g = _geometry(x, G, K, per_sample, cl)
+    return _apply(x, w, b, mean, var, g, eps, activation, after)
+
+
+def _grad_buffers(x, w, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dw, db)`` outputs: dx like the canonical x; dw, db flat in w's and b's dtypes, empty when absent."""
+    dw = x.new_empty(w.numel() if w is not None else 0, dtype=w.dtype if w is not None else torch.float32)
+    db = x.new_empty(b.numel() if b is not None else 0, dtype=b.dtype if b is not None else torch.float32)
+    return torch.empty_like(x), dw, db
+
+
+def norm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    G: int,
+    K: int,
+    per_sample: bool,
+    activation: str,
+    after: bool,
+    batch_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dw, db)``; dw and db are empty when w or b is None (flat, in w's and b's dtype)."""
+    x, cl = _canonical(x)
+    dy = _like(dy, cl)
+    g = _geometry(x, G, K, per_sample, cl)
+    dev = x.device
+    block_c, block_r, warps = _blocks(g)
+    nrb, lim, T, bpp = _split(g, block_c, block_r, dev)
+    grid_c = triton.cdiv(g.C, block_c)
+    flags = dict(PER_SAMPLE=g.per_sample, HAS_W=w is not None, HAS_B=b is not None)
+    w_, b_ = _vec(w, mean), _vec(b, mean)
+    part = torch.empty((2, g.out, g.C, T), device=dev, dtype=torch.float32)
+    norm._grad_partial_kernel[(g.out * T, grid_c)](
+        dy, x, w_, b_, mean, rstd, part, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, bpp,
+        **_act_args(activation, after), **flags, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    )  # fmt: skip
+    q = torch.empty((2, g.out, g.C), device=dev, dtype=torch.float32)
+    dx, dw, db = _grad_buffers(x, w, b)
+    mb = TUNING.merge_block
+    norm._grad_merge_channels_kernel[(triton.cdiv(g.C, mb),)](
+        part, q, dw if w is not None else q, db if b is not None else q, g.C, T, g.out,
+        HAS_W=w is not None, HAS_B=b is not None, BLOCK_C=mb, BLOCK_T=mb,
+    )  # fmt: skip
+    coef = mean  # placeholder pointer: never read without batch statistics
+    if batch_stats:
+        coef = torch.empty((2, g.S), device=dev, dtype=torch.float32)
+        norm._grad_merge_stats_kernel[(triton.cdiv(g.S, mb),)](
+            q, w_, coef, g.S, g.G, g.K, 1.0 / g.m, HAS_W=w is not None, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)),
+        )  # fmt: skip
+    norm._dx_kernel[(g.N * nrb, grid_c)](
+        dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
+        **_act_args(activation, after), **flags, BATCH_STATS=batch_stats,
+        BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    )  # fmt: skip
+    return dx, dw, db

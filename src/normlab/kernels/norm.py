@@ -1,0 +1,432 @@
+r"""Triton kernels for batch, instance and group norm with a fused activation: forward, eval forward, backward.
+
+Every kernel addresses the input as ``(N, C, R)`` through strides ``(s_n, s_c, s_r)`` (NCHW: ``(C*R, R, 1)``;
+channels_last: ``(R*C, 1, C)``), with channel ``c`` in group ``g = c // K`` of the :mod:`normlab.spec` view
+``(N, G, K, R)``. A statistic ``s`` is ``g`` when pooling over the batch (batch norm) or ``n * G + g`` per sample.
+Work is cut into tiles of ``BLOCK_C`` channels by ``BLOCK_R`` positions; a "row block" is one tile's worth of
+positions ``(n, rb)``, ``rb = r // BLOCK_R``. With ``OUT`` = 1 (pooled) or N (per sample), the math, in the code's
+names (``a = x``, or ``f(x)`` when the activation comes ``AFTER`` the norm)::
+
+    forward   per tile t:    count_t, mean_t, m2_t of a - shift          (exact two-pass in registers; shift = one
+                                                                           value of the statistic, read by all)
+              per statistic:  mean, m2 = Chan-merge of its tiles in index order; mean += shift, var = m2 / count
+              per element:    xhat = (a - mean) * rstd,  rstd = 1 / sqrt(var + eps)
+                              z = xhat * w + b,  y = f(z) (before) or z
+    backward  per element:    dz = dy * f'(z) (before; z recomputed from x) or dy
+              per tile t:     sdz_t = Σ dz,  sdzx_t = Σ dz * xhat        (per channel)
+              per channel:    db = Σ_t sdz_t,  dw = Σ_t sdzx_t            (fixed order)
+              per statistic:  c1 = Σ_c w * sdz / m,  c2 = Σ_c w * sdzx / m
+              per element:    da = rstd * (dz * w - c1 - xhat * c2)       (batch statistics; else rstd * dz * w)
+                              dx = da * f'(x) (after) or da
+
+All accumulation is float32. Every sum runs in a fixed order over a fixed tiling and no kernel uses atomics, so
+two runs give bit-identical results. The variance is never ``E[x^2] - E[x]^2``: each tile keeps its exact mean
+and sum of squared deviations ``m2``, merged by Chan's formula.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act(v, ACT: tl.constexpr):
+    """The activation ``f(v)`` named by ``ACT`` (``""``: identity); the Triton twin of normlab.activations."""
+    if ACT == "relu":
+        out = tl.maximum(v, 0.0)
+    elif ACT == "leaky_relu":
+        out = tl.where(v > 0, v, 0.01 * v)
+    elif ACT == "sigmoid":
+        out = tl.sigmoid(v)
+    elif ACT == "tanh":
+        out = 2.0 * tl.sigmoid(2.0 * v) - 1.0
+    elif ACT == "silu":
+        out = v * tl.sigmoid(v)
+    elif ACT == "gelu":
+        out = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _act_grad(v, ACT: tl.constexpr):
+    """``f'(v)`` at the pre-activation value ``v``."""
+    if ACT == "relu":
+        out = tl.where(v > 0, 1.0, 0.0)
+    elif ACT == "leaky_relu":
+        out = tl.where(v > 0, 1.0, 0.01)
+    elif ACT == "sigmoid":
+        s = tl.sigmoid(v)
+        out = s * (1.0 - s)
+    elif ACT == "tanh":
+        t = 2.0 * tl.sigmoid(2.0 * v) - 1.0
+        out = 1.0 - t * t
+    elif ACT == "silu":
+        s = tl.sigmoid(v)
+        out = s * (1.0 + v * (1.0 - s))
+    elif ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        out = cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
+    else:
+        out = tl.full(v.shape, 1.0, tl.float32)
+    return out
+
+
+@triton.jit
+def _row_block(o, blk, lim, nrb, R, BLOCK_R: tl.constexpr):
+    """Row block ``blk`` of output row ``o``: its sample ``n``, first position ``r0``, and how many positions from
+    ``r0`` on are in range (0 for a block past the row's ``lim`` blocks)."""
+    gid = o * lim + blk
+    n = gid // nrb
+    r0 = (gid % nrb) * BLOCK_R
+    return n, r0, tl.where(blk < lim, R - r0, 0)
+
+
+@triton.jit
+def _stat_index(n, c, G, K, PER_SAMPLE: tl.constexpr):
+    """The statistic channel ``c`` of sample ``n`` belongs to."""
+    if PER_SAMPLE:
+        s = n * G + c // K
+    else:
+        s = c // K
+    return s
+
+
+@triton.jit
+def _shift(x_ptr, n, c, c_mask, K, s_n, s_c, ACT: tl.constexpr, AFTER: tl.constexpr):
+    """One value of each channel's statistic, ``a`` at (sample ``n``, first channel of the group, position 0).
+    Tiles and the merge work with ``a - shift``: deviations small next to a large mean keep their precision when
+    partial means are stored and merged in float32."""
+    a = tl.load(x_ptr + n.to(tl.int64) * s_n + (c // K * K) * s_c, mask=c_mask, other=0.0).to(tl.float32)
+    if AFTER:
+        a = _act(a, ACT)
+    return a
+
+
+@triton.jit
+def _stats_partial_kernel(
+    x_ptr,  # input, addressed (n, c, r) -> n * s_n + c * s_c + r * s_r
+    part_ptr,  # out (3, OUT, C, T) float32: count, mean - shift, m2 of each (output row, channel, tile)
+    C,  # channels
+    R,  # positions per sample
+    s_n, s_c, s_r,  # strides of x
+    nrb,  # row blocks per sample: cdiv(R, BLOCK_R)
+    lim,  # row blocks per output row: nrb (per sample) or N * nrb (pooled)
+    T,  # tiles per output row
+    OUT,  # output rows: 1 (pooled) or N (per sample)
+    K,  # channels per group
+    BPP,  # row blocks per tile
+    ACT: tl.constexpr,  # activation name, "" for none
+    AFTER: tl.constexpr,  # the activation comes before the norm: statistics of f(x)
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_R: tl.constexpr,  # positions per row block
+):
+    pid = tl.program_id(0)
+    o = pid // T
+    t = pid % T
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_R)
+    offs = c[:, None] * s_c + r[None, :] * s_r
+    shift = _shift(x_ptr, o, c, c_mask, K, s_n, s_c, ACT, AFTER)  # per sample, output row o is sample o
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(BPP):
+        n, r0, valid = _row_block(o, t * BPP + i, lim, nrb, R, BLOCK_R)
+        r_mask = r < valid
+        mask = c_mask[:, None] & r_mask[None, :]
+        base = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r
+        a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if AFTER:
+            a = _act(a, ACT)
+        a = tl.where(mask, a - shift[:, None], 0.0)
+        nb = tl.sum(r_mask.to(tl.float32), axis=0)
+        nb1 = tl.maximum(nb, 1.0)
+        mean_0 = tl.sum(a, axis=1) / nb1  # first pass; the second corrects its rounding
+        d = tl.where(mask, a - mean_0[:, None], 0.0)
+        sd = tl.sum(d, axis=1)
+        mean_b = mean_0 + sd / nb1
+        m2_b = tl.sum(d * d, axis=1) - sd * sd / nb1
+        total = count + nb
+        delta = mean_b - mean
+        mean = mean + delta * (nb / tl.maximum(total, 1.0))
+        m2 = m2 + m2_b + delta * delta * (count * nb / tl.maximum(total, 1.0))
+        count = total
+    plane = OUT * C * T
+    p = part_ptr + (o * C + c) * T + t
+    tl.store(p, count, mask=c_mask)
+    tl.store(p + plane, mean, mask=c_mask)
+    tl.store(p + 2 * plane, m2, mask=c_mask)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    part_ptr,  # (3, S, J) float32: count, mean - shift, m2 of the J = K * T tiles of each statistic
+    x_ptr,  # input, to read each statistic's shift as _stats_partial_kernel did
+    mean_ptr,  # out (S,) float32
+    var_ptr,  # out (S,) float32, biased
+    S,  # statistics
+    J,  # tiles per statistic
+    G, K,  # groups, channels per group
+    s_n, s_c,  # strides of x
+    ACT: tl.constexpr,
+    AFTER: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # statistics per program
+    BLOCK_J: tl.constexpr,  # tiles merged per step
+):
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < S
+    plane = S * J
+    row = part_ptr + s[:, None] * J
+    if PER_SAMPLE:
+        n = s // G
+    else:
+        n = s * 0
+    shift = _shift(x_ptr, n, (s % G) * K, s_mask, K, s_n, s_c, ACT, AFTER)
+    count = tl.zeros([BLOCK_S], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_S], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mask = s_mask[:, None] & (j < J)[None, :]
+        n_i = tl.load(row + j[None, :], mask=mask, other=0.0)
+        mu_i = tl.load(row + plane + j[None, :], mask=mask, other=0.0)
+        m2_i = tl.load(row + 2 * plane + j[None, :], mask=mask, other=0.0)
+        nb = tl.sum(n_i, axis=1)
+        mean_b = tl.sum(n_i * mu_i, axis=1) / tl.maximum(nb, 1.0)
+        dev = tl.where(mask, mu_i - mean_b[:, None], 0.0)
+        m2_b = tl.sum(m2_i + n_i * dev * dev, axis=1)
+        total = count + nb
+        delta = mean_b - mean
+        mean = mean + delta * (nb / tl.maximum(total, 1.0))
+        m2 = m2 + m2_b + delta * delta * (count * nb / tl.maximum(total, 1.0))
+        count = total
+    tl.store(mean_ptr + s, shift + mean, mask=s_mask)
+    tl.store(var_ptr + s, m2 / tl.maximum(count, 1.0), mask=s_mask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr,  # input, addressed as in _stats_partial_kernel
+    y_ptr,  # out, same strides as x
+    w_ptr,  # (C,) weight, any float dtype; unused without HAS_W
+    b_ptr,  # (C,) bias; unused without HAS_B
+    mean_ptr,  # (S,) float32 statistics: mean ...
+    var_ptr,  # ... and biased variance
+    eps,  # added to the variance
+    C, R, G, K,  # channels, positions per sample, groups, channels per group
+    s_n, s_c, s_r,  # strides of x and y
+    nrb,  # row blocks per sample
+    ACT: tl.constexpr,  # activation name, "" for none
+    AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
+    PER_SAMPLE: tl.constexpr,  # statistics per sample instead of pooled over the batch
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_R)
+    mask = c_mask[:, None] & (r < valid)[None, :]
+    s = _stat_index(n, c, G, K, PER_SAMPLE)
+    mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + s, mask=c_mask, other=1.0) + eps)
+    scale = rstd
+    if HAS_W:
+        scale = rstd * tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
+    a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if AFTER:
+        a = _act(a, ACT)
+    z = (a - mean[:, None]) * scale[:, None] + b[:, None]
+    if not AFTER:
+        z = _act(z, ACT)
+    tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_partial_kernel(
+    dy_ptr,  # gradient of y, same strides as x
+    x_ptr,  # input
+    w_ptr,  # (C,) weight; unused without HAS_W
+    b_ptr,  # (C,) bias; unused without HAS_B
+    mean_ptr,  # (S,) float32 statistics used by the forward
+    rstd_ptr,  # (S,) float32
+    part_ptr,  # out (2, OUT, C, T) float32: Σ dz and Σ dz * xhat of each (output row, channel, tile)
+    C, R, G, K,
+    s_n, s_c, s_r,
+    nrb, lim, T, OUT, BPP,  # as in _stats_partial_kernel
+    ACT: tl.constexpr,
+    AFTER: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    o = pid // T
+    t = pid % T
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_R)
+    offs = c[:, None] * s_c + r[None, :] * s_r
+    s = _stat_index(o, c, G, K, PER_SAMPLE)  # per sample, output row o is sample o
+    mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    sdz = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sdzx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(BPP):
+        n, r0, valid = _row_block(o, t * BPP + i, lim, nrb, R, BLOCK_R)
+        mask = c_mask[:, None] & (r < valid)[None, :]
+        base = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r
+        a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if AFTER:
+            a = _act(a, ACT)
+        xhat = (a - mean[:, None]) * rstd[:, None]
+        if not AFTER:
+            dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT)
+        xhat = tl.where(mask, xhat, 0.0)
+        sdz += tl.sum(dz, axis=1)
+        sdzx += tl.sum(dz * xhat, axis=1)
+    plane = OUT * C * T
+    p = part_ptr + (o * C + c) * T + t
+    tl.store(p, sdz, mask=c_mask)
+    tl.store(p + plane, sdzx, mask=c_mask)
+
+
+@triton.jit
+def _grad_merge_channels_kernel(
+    part_ptr,  # (2, OUT, C, T) float32 from _grad_partial_kernel
+    q_ptr,  # out (2, OUT, C) float32: the tiles' sums per (output row, channel)
+    dw_ptr,  # out (C,) in w's dtype: Σ dz * xhat; unused without HAS_W
+    db_ptr,  # out (C,) in b's dtype: Σ dz; unused without HAS_B
+    C, T, OUT,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_T: tl.constexpr,  # tiles summed per step
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    plane = OUT * C * T
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for o in range(OUT):
+        q1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        q2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        row = part_ptr + (o * C + c[:, None]) * T
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            mask = c_mask[:, None] & (t < T)[None, :]
+            q1 += tl.sum(tl.load(row + t[None, :], mask=mask, other=0.0), axis=1)
+            q2 += tl.sum(tl.load(row + plane + t[None, :], mask=mask, other=0.0), axis=1)
+        tl.store(q_ptr + o * C + c, q1, mask=c_mask)
+        tl.store(q_ptr + OUT * C + o * C + c, q2, mask=c_mask)
+        db += q1
+        dw += q2
+    if HAS_W:
+        tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=c_mask)
+    if HAS_B:
+        tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _grad_merge_stats_kernel(
+    q_ptr,  # (2, S, K) float32 from _grad_merge_channels_kernel, S = OUT * G
+    w_ptr,  # (G * K,) weight; unused without HAS_W
+    c_ptr,  # out (2, S) float32: c1 = Σ w * dz / m and c2 = Σ w * dz * xhat / m per statistic
+    S, G, K,
+    inv_m,  # 1 / m, m = values per statistic
+    HAS_W: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # statistics per program
+    BLOCK_K: tl.constexpr,  # channels summed per step
+):
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_mask = s < S
+    c1 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    c2 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = s_mask[:, None] & (k < K)[None, :]
+        w = tl.full([BLOCK_S, BLOCK_K], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + (s % G)[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = q_ptr + s[:, None] * K + k[None, :]
+        c1 += tl.sum(w * tl.load(q, mask=mask, other=0.0), axis=1)
+        c2 += tl.sum(w * tl.load(q + S * K, mask=mask, other=0.0), axis=1)
+    tl.store(c_ptr + s, c1 * inv_m, mask=s_mask)
+    tl.store(c_ptr + S + s, c2 * inv_m, mask=s_mask)
+
+
+@triton.jit
+def _dx_kernel(
+    dy_ptr,  # gradient of y, same strides as x
+    x_ptr,  # input
+    dx_ptr,  # out, same strides as x
+    w_ptr,  # (C,) weight; unused without HAS_W
+    b_ptr,  # (C,) bias; unused without HAS_B
+    mean_ptr,  # (S,) float32
+    rstd_ptr,  # (S,) float32
+    c_ptr,  # (2, S) float32 from _grad_merge_stats_kernel; unused without BATCH_STATS
+    S,  # statistics
+    C, R, G, K,
+    s_n, s_c, s_r,
+    nrb,
+    ACT: tl.constexpr,
+    AFTER: tl.constexpr,
+    PER_SAMPLE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BATCH_STATS: tl.constexpr,  # the statistics were the batch's own and carry gradient
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_R)
+    mask = c_mask[:, None] & (r < valid)[None, :]
+    s = _stat_index(n, c, G, K, PER_SAMPLE)
+    mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
+    w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a = x
+    if AFTER:
+        a = _act(x, ACT)
+    xhat = (a - mean[:, None]) * rstd[:, None]
+    if not AFTER:
+        dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT)
+    if BATCH_STATS:
+        c1 = tl.load(c_ptr + s, mask=c_mask, other=0.0)
+        c2 = tl.load(c_ptr + S + s, mask=c_mask, other=0.0)
+        da = (dz * w[:, None] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    else:
+        da = dz * (w * rstd)[:, None]
+    if AFTER:
+        da = da * _act_grad(x, ACT)
+    tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,64 @@
+"""Compile every kernel of normlab.kernels.norm for a Hopper GPU (sm_90) with Triton's real compiler, no GPU needed.
+
+Run as a script in a process without ``TRITON_INTERPRET`` (the interpreter replaces the kernels); prints one line
+per failure and exits non-zero if any kernel fails to compile. Used by test_kernels.py::test_compiles_for_sm90.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from normlab.kernels import norm
+
+
+def _signature(kernel, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
+    sig, consts = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name], consts[(i,)] = "constexpr", constexprs[name]
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in ("eps", "inv_m") else "i32"
+    return sig, consts
+
+
+def cases():
+    for act, after, per_sample in (("", False, False), ("gelu", False, True), ("silu", True, False)):
+        a = dict(ACT=act, AFTER=after)
+        yield norm._stats_partial_kernel, {"x_ptr": "*bf16"}, dict(a, BLOCK_C=16, BLOCK_R=256)
+        yield norm._stats_merge_kernel, {"x_ptr": "*bf16"}, dict(a, PER_SAMPLE=per_sample, BLOCK_S=64, BLOCK_J=64)
+        yield (norm._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*bf16"},
+               dict(a, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, BLOCK_C=16, BLOCK_R=256))  # fmt: skip
+        yield (norm._grad_partial_kernel, {"x_ptr": "*fp16", "dy_ptr": "*fp16"},
+               dict(a, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=per_sample, BLOCK_C=64, BLOCK_R=64))  # fmt: skip
+        yield (norm._grad_merge_channels_kernel, {"dw_ptr": "*bf16"},
+               dict(HAS_W=True, HAS_B=per_sample, BLOCK_C=64, BLOCK_T=64))  # fmt: skip
+        yield norm._grad_merge_stats_kernel, {}, dict(HAS_W=per_sample, BLOCK_S=64, BLOCK_K=8)
+        yield (norm._dx_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
+               dict(a, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, BATCH_STATS=not after, BLOCK_C=128,
+                    BLOCK_R=32))  # fmt: skip
+
+
+def main() -> int:
+    target = GPUTarget("cuda", 90, 32)
+    failed = n = 0
+    for kernel, pointers, constexprs in cases():
+        n += 1
+        sig, consts = _signature(kernel, pointers, constexprs)
+        try:
+            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
+                           options={"num_warps": 8})  # fmt: skip
+        except Exception as e:  # report every failure, not just the first
+            failed += 1
+            print(f"FAIL {kernel.fn.__name__} {constexprs}: {type(e).__name__}: {str(e)[:2000]}")
+    print(f"compiled {n - failed} of {n} kernel variants for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
