@@ -80,6 +80,11 @@ def _chunks(p: Plan):
     return [(n0, min(n0 + rows, p.N)) for n0 in range(0, p.N, rows)]
 
 
+def _rows(t: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
+    """Rows n0:n1 of a per-sample ``(N, ...)`` statistic, as a view; a pooled ``(1, ...)`` one serves every row."""
+    return t if t.shape[0] == 1 else t[n0:n1]
+
+
 def _act_in(a: torch.Tensor, f, placement: str) -> torch.Tensor:
     return f.fn(a) if (f is not None and placement == "after") else a
 
@@ -121,10 +126,9 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
             a = _act_in(x4[n0:n1].to(cdt), f, placement)                 # (rows, G, K, R)
             if not p.pool_batch:
                 shift[n0:n1] = a.mean(p.stat_axes, keepdim=True)
-            d = a - (shift if p.pool_batch else shift[n0:n1])
-            rows = slice(None) if p.pool_batch else slice(n0, n1)
-            s1[rows] += d.sum(p.stat_axes, keepdim=True)
-            s2[rows] += (d * d).sum(p.stat_axes, keepdim=True)
+            d = a - _rows(shift, n0, n1)
+            _rows(s1, n0, n1).add_(d.sum(p.stat_axes, keepdim=True))
+            _rows(s2, n0, n1).add_((d * d).sum(p.stat_axes, keepdim=True))
         d_mean = s1 / p.m                                                # (N|1, G, 1, 1); NaN for an empty batch
         mean = shift + d_mean
         var = (s2 / p.m - d_mean * d_mean).clamp_(min=0)
@@ -137,12 +141,12 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     y = torch.empty_like(x, memory_format=output_format(x))
     y4 = view4(y, p)
     for n0, n1 in chunks:
-        rows = slice(None) if mean.shape[0] == 1 else slice(n0, n1)
-        d = _act_in(x4[n0:n1].to(cdt), f, placement) - shift[rows]
+        d = _act_in(x4[n0:n1].to(cdt), f, placement) - _rows(shift, n0, n1)
+        offset_r, scale_r = _rows(offset, n0, n1), _rows(scale, n0, n1)
         if f is None or placement == "after":
-            torch.addcmul(offset[rows], d, scale[rows], out=y4[n0:n1])  # (rows, G, K, R)
+            torch.addcmul(offset_r, d, scale_r, out=y4[n0:n1])          # (rows, G, K, R)
         else:
-            y4[n0:n1] = f.fn(torch.addcmul(offset[rows], d, scale[rows]))
+            y4[n0:n1] = f.fn(torch.addcmul(offset_r, d, scale_r))
     return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
 
 
@@ -185,35 +189,34 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     w4, b4 = _affine4(w, p, cdt), _affine4(b, p, cdt)                  # (1, G, K, 1) or None
     wk = 1.0 if w4 is None else w4
     chunks = _chunks(p)
-    per_row = mean4.shape[0] > 1
 
     def chunk(n0, n1, delta):
         """x - mean and dz = ∂l/∂z for rows n0:n1 (recomputed in each sweep rather than stored)."""
-        rows = slice(n0, n1) if per_row else slice(None)
-        xc = _act_in(x4[n0:n1].to(cdt), f, placement) - mean4[rows]     # (rows, G, K, R)
+        mean_r, rstd_r = _rows(mean4, n0, n1), _rows(rstd4, n0, n1)
+        xc = _act_in(x4[n0:n1].to(cdt), f, placement) - mean_r          # (rows, G, K, R)
         dz = dy4[n0:n1].to(cdt)
         if f is not None and placement == "before":
-            scale = rstd4[rows] * wk
-            shift = -delta[rows] * scale if b4 is None else b4 - delta[rows] * scale
+            scale = rstd_r * wk
+            delta_r = _rows(delta, n0, n1)
+            shift = -delta_r * scale if b4 is None else b4 - delta_r * scale
             dz = dz * f.grad(torch.addcmul(shift, xc, scale))            # f'(z), z recomputed
-        return rows, xc, dz
+        return xc, dz
 
     # Sweep 1: per (statistic, affine entry) sums. The saved float32 mean is rounded (by up to half an ulp of
     # |mean|, a lot when |mean| >> std); delta, its exact offset from x's mean, is folded into the coefficients.
     sum_axes = (0, 3) if p.pool_batch else (3,)
-    acc_shape = (mean4.shape[0], p.G, p.K, 1)
-    sdz = torch.zeros(acc_shape, dtype=cdt, device=x.device)            # Σ dz
+    sdz = torch.zeros((mean4.shape[0], p.G, p.K, 1), dtype=cdt, device=x.device)  # Σ dz
     sdzxc = torch.zeros_like(sdz)                                       # Σ dz (x - mean)
     delta = torch.zeros_like(mean4)                                     # E[x - mean]
     if batch_stats:
         for n0, n1 in chunks:
-            rows = slice(n0, n1) if per_row else slice(None)
-            delta[rows] += (_act_in(x4[n0:n1].to(cdt), f, placement) - mean4[rows]).sum(p.stat_axes, keepdim=True)
+            xc = _act_in(x4[n0:n1].to(cdt), f, placement) - _rows(mean4, n0, n1)
+            _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
         delta /= p.m
     for n0, n1 in chunks:
-        rows, xc, dz = chunk(n0, n1, delta)
-        sdz[rows] += dz.sum(sum_axes, keepdim=True)
-        sdzxc[rows] += (dz * xc).sum(sum_axes, keepdim=True)
+        xc, dz = chunk(n0, n1, delta)
+        _rows(sdz, n0, n1).add_(dz.sum(sum_axes, keepdim=True))
+        _rows(sdzxc, n0, n1).add_((dz * xc).sum(sum_axes, keepdim=True))
     sdzxc -= delta * sdz
     db = sdz.sum(0).reshape(-1) if b is not None else None              # (G*K,)
     dw = (sdzxc * rstd4).sum(0).reshape(-1) if w is not None else None  # (G*K,)  Σ dz xhat
@@ -230,9 +233,9 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     dx = torch.empty_like(x, memory_format=output_format(x))
     dx4 = view4(dx, p)
     for n0, n1 in chunks:
-        rows, xc, dz = chunk(n0, n1, delta)
-        da = torch.addcmul(coef_1[rows], coef_x[rows], xc)
-        da = torch.addcmul(da, coef_dz[rows], dz)                        # (rows, G, K, R)
+        xc, dz = chunk(n0, n1, delta)
+        da = torch.addcmul(_rows(coef_1, n0, n1), _rows(coef_x, n0, n1), xc)
+        da = torch.addcmul(da, _rows(coef_dz, n0, n1), dz)               # (rows, G, K, R)
         if f is not None and placement == "after":
             da = da * f.grad(x4[n0:n1].to(cdt))
         dx4[n0:n1] = da
