@@ -77,7 +77,7 @@ CHUNK_VALUES = 1 << 18
 
 def _chunks(p: Plan):
     rows = max(1, CHUNK_VALUES // max(p.G * p.K * p.R, 1))
-    return [(n0, min(n0 + rows, p.N)) for n0 in range(0, p.N, rows)]
+    return [(n0, min(n0 + rows, p.N)) for n0 in range(0, p.N, rows)] or [(0, 0)]  # an empty batch: one empty chunk
 
 
 def _rows(t: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     chunks = _chunks(p)
     if stats is not None:
         mean, var = _stat4(stats[0], p, cdt), _stat4(stats[1], p, cdt)
-        shift, d_mean = mean, torch.zeros_like(mean)
+        shift, d_mean, kept = mean, torch.zeros_like(mean), None
     else:
         # Shifted sums: d = a - shift, with shift a rough mean of each statistic's values, keeps the digits of
         # the spread even when |mean| >> std (E[x^2] - E[x]^2 would not). Pooled statistics share the first
@@ -129,6 +129,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
             d = a - _rows(shift, n0, n1)
             _rows(s1, n0, n1).add_(d.sum(p.stat_axes, keepdim=True))
             _rows(s2, n0, n1).add_((d * d).sum(p.stat_axes, keepdim=True))
+        kept = (n0, d)  # the last chunk's d serves the output sweep too (all of it for a small input)
         d_mean = s1 / p.m                                                # (N|1, G, 1, 1); NaN for an empty batch
         mean = shift + d_mean
         var = (s2 / p.m - d_mean * d_mean).clamp_(min=0)
@@ -141,7 +142,10 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     y = torch.empty_like(x, memory_format=output_format(x))
     y4 = view4(y, p)
     for n0, n1 in chunks:
-        d = _act_in(x4[n0:n1].to(cdt), f, placement) - _rows(shift, n0, n1)
+        if kept is not None and kept[0] == n0:
+            d = kept[1]
+        else:
+            d = _act_in(x4[n0:n1].to(cdt), f, placement) - _rows(shift, n0, n1)
         offset_r, scale_r = _rows(offset, n0, n1), _rows(scale, n0, n1)
         if f is None or placement == "after":
             torch.addcmul(offset_r, d, scale_r, out=y4[n0:n1])          # (rows, G, K, R)
@@ -204,19 +208,26 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
 
     # Sweep 1: per (statistic, affine entry) sums. The saved float32 mean is rounded (by up to half an ulp of
     # |mean|, a lot when |mean| >> std); delta, its exact offset from x's mean, is folded into the coefficients.
+    # Only f'(z) before the norm needs delta ahead of the sums (z depends on it): then it takes a pass of its own.
     sum_axes = (0, 3) if p.pool_batch else (3,)
     sdz = torch.zeros((mean4.shape[0], p.G, p.K, 1), dtype=cdt, device=x.device)  # Σ dz
     sdzxc = torch.zeros_like(sdz)                                       # Σ dz (x - mean)
-    delta = torch.zeros_like(mean4)                                     # E[x - mean]
-    if batch_stats:
+    delta = torch.zeros_like(mean4)                                     # m · E[x - mean], then E[x - mean]
+    delta_first = batch_stats and f is not None and placement == "before"
+    if delta_first:
         for n0, n1 in chunks:
             xc = _act_in(x4[n0:n1].to(cdt), f, placement) - _rows(mean4, n0, n1)
             _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
         delta /= p.m
     for n0, n1 in chunks:
         xc, dz = chunk(n0, n1, delta)
+        if batch_stats and not delta_first:
+            _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
         _rows(sdz, n0, n1).add_(dz.sum(sum_axes, keepdim=True))
         _rows(sdzxc, n0, n1).add_((dz * xc).sum(sum_axes, keepdim=True))
+    kept = (n0, xc, dz)  # the last chunk serves sweep 2 too (all of it for a small input)
+    if batch_stats and not delta_first:
+        delta /= p.m
     sdzxc -= delta * sdz
     db = sdz.sum(0).reshape(-1) if b is not None else None              # (G*K,)
     dw = (sdzxc * rstd4).sum(0).reshape(-1) if w is not None else None  # (G*K,)  Σ dz xhat
@@ -233,7 +244,7 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     dx = torch.empty_like(x, memory_format=output_format(x))
     dx4 = view4(dx, p)
     for n0, n1 in chunks:
-        xc, dz = chunk(n0, n1, delta)
+        xc, dz = kept[1:] if kept[0] == n0 else chunk(n0, n1, delta)
         da = torch.addcmul(_rows(coef_1, n0, n1), _rows(coef_x, n0, n1), xc)
         da = torch.addcmul(da, _rows(coef_dz, n0, n1), dz)               # (rows, G, K, R)
         if f is not None and placement == "after":
