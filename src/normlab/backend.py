@@ -46,7 +46,7 @@ def choice() -> str:
 def select(x: torch.Tensor, p: Plan) -> ModuleType:
     """The backend module that will normalize ``x`` under plan ``p``."""
     want = choice()
-    if want == "torch":
+    if want == "torch" or (want == "auto" and not x.is_cuda):  # auto: no Triton import for CPU tensors
         return torch_ops
     kernels = _kernels()
     if want == "triton":
@@ -60,6 +60,4 @@ def select(x: torch.Tensor, p: Plan) -> ModuleType:
                 f"of shape {tuple(x.shape)} on {x.device}"
             )
         return kernels
-    if x.is_cuda and kernels is not None and kernels.supports(x, p):
-        return kernels
-    return torch_ops
+    return kernels if kernels is not None and kernels.supports(x, p) else torch_ops
