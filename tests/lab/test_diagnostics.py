@@ -1,0 +1,67 @@
+"""The summary and the table computed from metrics records, the percentiles, and the NumPy engine's loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from normlab.lab.diagnostics import (
+    format_table,
+    sigmoid_input_percentiles,
+    softmax_cross_entropy,
+    steps_to_reach,
+    summarize,
+)
+
+
+def _records(accs_plain, accs_bn, every=5000):
+    recs = []
+    for i, (a, b) in enumerate(zip(accs_plain, accs_bn)):
+        recs.append({"step": i * every,
+                     "plain": {"test_acc": a, "p15": -i, "p50": 0.5 * i, "p85": i + 1.0},
+                     "bn": {"test_acc": b, "p15": -1.0, "p50": 0.0, "p85": 1.0}})
+    return recs
+
+
+def test_summary_reads_accuracy_and_steps_to_threshold():
+    plain = [0.1, 0.90, 0.95, 0.96, 0.96, 0.965, 0.966, 0.967, 0.968, 0.969, 0.970]
+    bn = [0.1, 0.96, 0.97, 0.975, 0.976, 0.977, 0.978, 0.979, 0.98, 0.981, 0.982]
+    s = summarize(_records(plain, bn))
+    assert s["final_step"] == 50_000 and s["final"] == {"plain": 0.970, "bn": 0.982}
+    assert s["acc_at"]["5000"] == {"plain": 0.90, "bn": 0.96}
+    assert s["acc_at"]["20000"] == {"plain": 0.96, "bn": 0.976}
+    assert s["steps_to"]["0.95"] == {"plain": 10_000, "bn": 5_000}
+    assert s["steps_to"]["0.97"] == {"plain": 50_000, "bn": 10_000}
+    # the plain network's percentiles drift (step 0 is left out), the BN one's do not
+    assert s["percentiles"]["plain"]["p50_range"] == pytest.approx(4.5)
+    assert s["percentiles"]["bn"]["p50_range"] == 0.0
+    table = format_table(s)
+    assert "0.96-0.97 / 0.98" in table.splitlines()[5]  # the paper's values on the 50k row
+    assert "10,000" in table and "5,000" in table
+
+
+def test_short_run_table_says_not_reached():
+    s = summarize(_records([0.1, 0.5, 0.6], [0.1, 0.9, 0.96], every=100))
+    assert steps_to_reach(_records([0.1, 0.5], [0.1, 0.9]), "bn", 0.95) is None
+    table = format_table(s)
+    assert "test acc @ 200 (final)" in table and "> 200" in table and "5k" not in table
+
+
+def test_percentiles_match_numpy_and_are_ordered():
+    v = np.random.default_rng(0).normal(size=10_000)
+    p = sigmoid_input_percentiles(v)
+    assert p["p15"] < p["p50"] < p["p85"]
+    assert p["p50"] == pytest.approx(np.median(v))
+    assert p["p85"] == pytest.approx(torch.quantile(torch.from_numpy(v), 0.85).item())
+
+
+def test_softmax_cross_entropy_matches_torch():
+    rng = np.random.default_rng(1)
+    logits, labels = rng.normal(size=(7, 10)) * 30, rng.integers(0, 10, 7)  # large logits: no overflow
+    loss, grad = softmax_cross_entropy(logits, labels)
+    t = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(t, torch.tensor(labels))
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-14)

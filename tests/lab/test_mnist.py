@@ -1,0 +1,162 @@
+"""The Figure 1 experiment on the real data, in short runs: outputs, BN's lead, engines, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from normlab.lab import data as D
+from normlab.lab.cli import main
+from normlab.lab.data import DataOrder
+from normlab.lab.models import MLP, init_weights
+from normlab.lab.train import MnistConfig, build_net, read_metrics, run
+from normlab.nn import BatchNorm1d
+
+STEPS, EVERY = 300, 100
+
+
+def short(real_dir, **kw) -> MnistConfig:
+    return MnistConfig(**{"steps": STEPS, "eval_every": EVERY, "device": "cpu", "data_dir": str(real_dir), **kw})
+
+
+@pytest.fixture(scope="module")
+def base_run(real_dir, tmp_path_factory):
+    """One uninterrupted short run, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("run") / "base"
+    summary = run(short(real_dir), out=out, progress=False, log=lambda m: None)
+    return out, summary
+
+
+def test_run_writes_well_formed_files(base_run):
+    out, summary = base_run
+    meta = json.loads((out / "config.json").read_text())
+    cfg = meta["config"]
+    assert (cfg["steps"], cfg["batch_size"], cfg["optimizer"], cfg["device"]) == (STEPS, 60, "sgd", "cpu")
+    assert {"lr", "init_std", "bn_momentum", "seed"} <= set(cfg)
+    assert meta["data"] == {**meta["data"], "source": "files", "train": 60000, "test": 10000}
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 100, 200, 300]
+    for r in records:
+        for v in ("plain", "bn"):
+            assert set(r[v]) == {"train_loss", "test_loss", "test_acc", "p15", "p50", "p85"}
+            assert all(np.isfinite(x) for k, x in r[v].items() if x is not None)
+    assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
+    assert summary["final_step"] == STEPS
+    png = (out / "figure1.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(png) < 500_000
+    assert (out / "checkpoint.pt").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left over
+
+
+def test_percentiles_ordered_accuracy_above_chance_bn_ahead(base_run):
+    records = read_metrics(base_run[0] / "metrics.jsonl")
+    for r in records:
+        for v in ("plain", "bn"):
+            assert r[v]["p15"] <= r[v]["p50"] <= r[v]["p85"]
+    for r in records[1:]:
+        assert r["bn"]["test_acc"] > r["plain"]["test_acc"] + 0.2, r["step"]  # BN ahead at equal steps
+    assert records[-1]["bn"]["test_acc"] > 0.85  # chance is 0.1
+    # BN keeps its sigmoid inputs spread around zero; without BN they collapse onto a drifting point.
+    bn, plain = records[-1]["bn"], records[-1]["plain"]
+    assert bn["p85"] - bn["p15"] > 1.0 > plain["p85"] - plain["p15"]
+
+
+def test_same_seed_same_metrics(base_run, real_dir, tmp_path):
+    # Run again in this process (workers=1); the base run trained the networks in two worker processes.
+    assert json.loads((base_run[0] / "config.json").read_text())["config"]["workers"] == 2
+    run(short(real_dir, workers=1), out=tmp_path / "again", progress=False, log=lambda m: None)
+    assert (tmp_path / "again" / "metrics.jsonl").read_bytes() == (base_run[0] / "metrics.jsonl").read_bytes()
+
+
+def test_other_seed_other_metrics(base_run, real_dir, tmp_path):
+    run(short(real_dir, steps=EVERY, seed=1, workers=1), out=tmp_path / "s1", progress=False, log=lambda m: None)
+    assert read_metrics(tmp_path / "s1" / "metrics.jsonl")[1] != read_metrics(base_run[0] / "metrics.jsonl")[1]
+
+
+def test_resume_equals_uninterrupted(base_run, real_dir, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    indices = DataOrder.indices
+
+    def interrupt_at_250(self, step):  # Ctrl-C in the middle of an evaluation interval
+        if step == 250:
+            raise KeyboardInterrupt
+        return indices(self, step)
+
+    monkeypatch.setattr(DataOrder, "indices", interrupt_at_250)
+    with pytest.raises(KeyboardInterrupt):  # in this process: a worker process would not see the patch
+        run(short(real_dir, workers=1), out=out, progress=False, log=lambda m: None)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 100, 200]
+    monkeypatch.setattr(DataOrder, "indices", indices)
+
+    with pytest.raises(FileExistsError):  # a run folder is never overwritten by accident
+        run(short(real_dir), out=out, progress=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="lr"):  # nor continued with different numbers
+        run(short(real_dir, lr=0.1), out=out, resume=True, progress=False, log=lambda m: None)
+
+    log = []
+    run(short(real_dir), out=out, resume=True, progress=False, log=log.append)
+    assert "resuming" in log[0] and "step 200" in log[0]
+    assert (out / "metrics.jsonl").read_bytes() == (base_run[0] / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_numpy_and_torch_engines_agree_on_first_steps(real_dir, variant):
+    ds = D.read_folder(real_dir)
+    nets = {e: build_net(variant, MnistConfig(engine=e), ds, "cpu") for e in ("torch", "numpy")}
+    for step in range(30):
+        lt, ln = nets["torch"].train(step, step + 1), nets["numpy"].train(step, step + 1)
+        assert abs(lt - ln) < 1e-5 * max(1.0, ln), (step, lt, ln)  # float32 against float64
+    et, en = nets["torch"].evaluate(), nets["numpy"].evaluate()
+    assert abs(et["test_acc"] - en["test_acc"]) <= 0.002
+    np.testing.assert_allclose([et[k] for k in ("p15", "p50", "p85")], [en[k] for k in ("p15", "p50", "p85")],
+                               atol=1e-3)
+
+
+def test_numpy_engine_run_matches_torch_run(base_run, real_dir, tmp_path):
+    run(short(real_dir, steps=EVERY, engine="numpy"), out=tmp_path / "np", progress=False, log=lambda m: None)
+    numpy_recs = read_metrics(tmp_path / "np" / "metrics.jsonl")
+    torch_recs = read_metrics(base_run[0] / "metrics.jsonl")
+    assert [r["step"] for r in numpy_recs] == [0, EVERY]
+    for a, b in zip(numpy_recs, torch_recs):
+        assert a["step"] == b["step"]
+        for v in ("plain", "bn"):
+            assert abs(a[v]["test_acc"] - b[v]["test_acc"]) < 0.01, (a["step"], v)
+
+
+def test_torch_network_uses_normlab_batchnorm():
+    net = MLP(init_weights(0, 0.01), bn=True)
+    assert len(net.norms) == 3 and all(isinstance(m, BatchNorm1d) for m in net.norms)
+    assert all(lin.bias is None for lin in net.linears[:-1]) and net.linears[-1].bias is not None
+    plain = MLP(init_weights(0, 0.01), bn=False)
+    assert all(lin.bias is not None for lin in plain.linears) and len(plain.norms) == 0
+    torch.testing.assert_close(net.linears[0].weight, plain.linears[0].weight)  # same starting point
+
+
+def test_cli_runs_and_rejects_bad_data(real_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["mnist", "--steps", "40", "--eval-every", "20", "--device", "cpu", "--standardize",
+                 "--data-dir", str(real_dir), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "test acc @ 40 (final)" in err and str(out / "figure1.png") in err
+    assert json.loads((out / "config.json").read_text())["config"]["standardize"] is True
+    assert main(["mnist", "--resume", "--out", str(out), "--lr", "0.1"]) == 2  # conflicting flag
+    assert "lr" in capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in D.FILES.values():
+        (bad / f"{name}.gz").write_bytes((real_dir / f"{name}.gz").read_bytes())
+    (bad / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x00\x00\x08\x01\x00\x00\x27\x10")  # header only
+    assert main(["mnist", "--steps", "5", "--data-dir", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "t10k-labels-idx1-ubyte.gz" in capsys.readouterr().err
+
+
+def test_python_dash_m_normlab():
+    res = subprocess.run([sys.executable, "-m", "normlab", "mnist", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--engine" in res.stdout and "--resume" in res.stdout
