@@ -18,8 +18,8 @@ IN = {3: "InstanceNorm1d", 4: "InstanceNorm2d", 5: "InstanceNorm3d"}
 
 def _pair(name, *args, dtype=torch.float32, **kw):
     """normlab's layer in ``dtype`` and torch.nn's with the same state. For bfloat16 the torch layer runs in float64
-    on the same (rounded) values: torch's CPU bfloat16 batch norm is itself off by up to ~1 on standardized data,
-    so it is no oracle there, while normlab keeps float32 statistics and rounds once."""
+    on the same (rounded) values: torch's CPU bfloat16 batch norm was itself off by up to 1.19 on 2-value channels
+    (README, Tests), so it is no oracle there, while normlab keeps float32 statistics and rounds once."""
     ours = getattr(nl, name)(*args, dtype=dtype, **kw)
     theirs = getattr(torch.nn, name)(*args, dtype=dtype, **kw)
     with torch.no_grad():
