@@ -129,6 +129,13 @@ def test_layernorm_matches_torch(shape, normalized, dtype, affine, bias):
     _step(ours, theirs, torch.randn(shape).to(dtype), dtype, "layer")
 
 
+@pytest.mark.parametrize("normalized", [(5,), (4, 5), (3, 4, 5)])
+def test_layernorm_channels_last_input(normalized):
+    """Read in logical order; the output is contiguous, as torch's."""
+    ours, theirs = _pair("LayerNorm", normalized, dtype=torch.float64)
+    _step(ours, theirs, channels_last(torch.randn(2, 3, 4, 5, dtype=torch.float64)), torch.float64, "layer cl")
+
+
 @pytest.mark.parametrize("name, args", [("BatchNorm2d", (3,)), ("InstanceNorm2d", (3,)), ("GroupNorm", (3, 3)),
                                         ("LayerNorm", ((3, 4, 5),))])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu"])

@@ -59,7 +59,7 @@ _norm_forward_op = torch.library.custom_op("normlab::norm_forward", _norm_forwar
 def _(x, w, b, stat_mean, stat_var, kind, groups, normalized_ndim, eps, activation, placement):
     p = _plan_of(x, kind, groups, normalized_ndim)
     stat = x.new_empty(p.stat_shape, dtype=torch_ops.compute_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch_ops.output_format(x)), stat, torch.empty_like(stat)
+    return torch.empty_like(x, memory_format=torch_ops.output_format(x, p)), stat, torch.empty_like(stat)
 
 
 def _norm_backward(
@@ -88,7 +88,7 @@ _norm_backward_op = torch.library.custom_op("normlab::norm_backward", _norm_back
 @_norm_backward_op.register_fake
 def _(dy, x, w, b, mean, rstd, kind, groups, normalized_ndim, activation, placement, batch_stats):
     p = _plan_of(x, kind, groups, normalized_ndim)
-    dx = torch.empty_like(x, memory_format=torch_ops.output_format(x))
+    dx = torch.empty_like(x, memory_format=torch_ops.output_format(x, p))
     dw = x.new_empty(0) if w is None else w.new_empty(p.affine_size)
     db = x.new_empty(0) if b is None else b.new_empty(p.affine_size)
     return dx, dw, db

@@ -37,27 +37,34 @@ def _is_channels_last(t: torch.Tensor) -> bool:
     return False
 
 
+def _channels_last_view(t: torch.Tensor, p: Plan) -> bool:
+    # Layer norm's (N, 1, K, 1) view runs along the logical trailing dims: a channels_last input is read through a
+    # contiguous copy, and its output is contiguous, as torch's layer_norm gives.
+    return p.kind != "layer" and _is_channels_last(t)
+
+
 def view4(t: torch.Tensor, p: Plan) -> torch.Tensor:
     """``t`` of logical shape ``p.shape`` as ``(N, G, K, R)``, without a copy for contiguous and channels_last."""
-    if p.kind != "layer" and _is_channels_last(t):
+    if _channels_last_view(t, p):
         # memory order (N, *S, C) = (N, R, G, K): a permuted view, no copy
         return t.movedim(1, -1).reshape(p.N, p.R, p.G, p.K).permute(0, 2, 3, 1)
     return t.reshape(p.view_shape)
 
 
-def output_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format of a norm's output (and of dx) for input ``x``: channels_last stays channels_last."""
-    if _is_channels_last(x):
+def output_format(x: torch.Tensor, p: Plan) -> torch.memory_format:
+    """The memory format of a norm's output (and of dx) for input ``x``: channels_last stays channels_last (but
+    for layer norm, whose output is contiguous, as torch's)."""
+    if _channels_last_view(x, p):
         return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
 def unview(t4: torch.Tensor, like: torch.Tensor, p: Plan) -> torch.Tensor:
-    """Inverse of :func:`view4`: back to ``p.shape`` in the memory format of ``like``."""
-    if p.kind != "layer" and _is_channels_last(like):
+    """Inverse of :func:`view4`: back to ``p.shape`` in the memory format :func:`output_format` gives for ``like``."""
+    if _channels_last_view(like, p):
         s = like.shape
         out = t4.permute(0, 3, 1, 2).reshape(s[0], *s[2:], s[1]).movedim(-1, 1)
-        return out.contiguous(memory_format=output_format(like))
+        return out.contiguous(memory_format=output_format(like, p))
     return t4.reshape(p.shape).contiguous()
 
 
@@ -139,7 +146,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     # z = (a - shift) * scale + (b - d_mean * scale): the float32 sum shift + d_mean is never formed, so its
     # rounding does not reach the output.
     offset = -d_mean * scale if b4 is None else b4 - d_mean * scale     # (N|1, G, K|1, 1)
-    y = torch.empty_like(x, memory_format=output_format(x))
+    y = torch.empty_like(x, memory_format=output_format(x, p))
     y4 = view4(y, p)
     for n0, n1 in chunks:
         if kept is not None and kept[0] == n0:
@@ -241,7 +248,7 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
         coef_x = coef_1 = torch.zeros_like(mean4)
     coef_dz = rstd4 * wk                                                # A
     # Sweep 2: dx.
-    dx = torch.empty_like(x, memory_format=output_format(x))
+    dx = torch.empty_like(x, memory_format=output_format(x, p))
     dx4 = view4(dx, p)
     for n0, n1 in chunks:
         xc, dz = kept[1:] if kept[0] == n0 else chunk(n0, n1, delta)
