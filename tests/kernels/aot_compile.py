@@ -42,6 +42,16 @@ def cases():
         yield (norm._dx_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
                dict(a, PER_SAMPLE=per_sample, HAS_W=True, HAS_B=True, BATCH_STATS=not after, BLOCK_C=128,
                     BLOCK_R=32))  # fmt: skip
+        # row path (layer norm): both SINGLE values, given and own statistics, with and without BATCH_STATS
+        single = per_sample or after
+        yield (norm._layer_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16"},
+               dict(a, HAS_W=True, HAS_B=not per_sample, STATS_GIVEN=after, SINGLE=single,
+                    BLOCK_N=4 if single else 1, BLOCK_K=1024 if single else 4096))  # fmt: skip
+        yield (norm._layer_bwd_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
+               dict(a, HAS_W=True, HAS_B=True, BATCH_STATS=not after, SINGLE=per_sample,
+                    BLOCK_N=4 if per_sample else 1, BLOCK_K=1024 if per_sample else 4096))  # fmt: skip
+        yield (norm._layer_grad_merge_kernel, {"dw_ptr": "*bf16"},
+               dict(HAS_W=True, HAS_B=per_sample, BLOCK_K=256, BLOCK_P=64))  # fmt: skip
 
 
 def main() -> int:

@@ -41,7 +41,9 @@ TOL = {
     torch.bfloat16: (2e-2, 2e-2),
 }
 
-TINY = launch.Tuning(block_c=2, block_r=8, programs=6, merge_block=2)  # 2 channels x 8 positions per tile
+# 2 channels x 8 positions per tile; row path: rows up to 8 values held whole, longer ones in chunks of 4, 2 rows
+# per tile.
+TINY = launch.Tuning(block_c=2, block_r=8, programs=6, merge_block=2, row_max=8, row_chunk=4, row_block_n=2)
 
 
 @pytest.fixture
@@ -49,6 +51,11 @@ def tiles(request, monkeypatch):
     """Run under the tiling named by the parameter: ``"tiny"`` (many tiles) or ``"default"``."""
     monkeypatch.setattr(launch, "TUNING", TINY if request.param == "tiny" else launch.Tuning())
     return request.param
+
+
+def _plan(kind, shape, groups=None, normalized_ndim=1):
+    """The plan; layer norm normalizes the last ``normalized_ndim`` dims."""
+    return plan(kind, shape, groups=groups, normalized_ndim=normalized_ndim if kind == "layer" else None)
 
 
 def _make(shape, channels_last, dtype, p, w_dtype=None, affine=(True, True), scale=1.0, offset=0.0):
@@ -82,7 +89,7 @@ def _check_training(x, w, b, dy, p, activation, placement, eps=1e-5):
     atol, rtol = TOL[dtype]
     y, mean, var = kernels.forward(x, w, b, p, eps, activation, placement)
     ref_y, cache = reference.forward(_np(x), _np(w), _np(b), eps, p, activation, placement)
-    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch_ops.output_format(x, p))
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == p.stat_shape
     _close(y, ref_y, atol, rtol, "y")
     _close(mean, cache[3], 1e-5, 1e-5, "mean")
@@ -90,7 +97,7 @@ def _check_training(x, w, b, dy, p, activation, placement, eps=1e-5):
     rstd = (var + eps).rsqrt()
     dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, p, activation, placement)
     ref_dx, ref_dw, ref_db = reference.backward(_np(dy), cache)
-    assert dx.dtype == dtype and dx.stride() == x.stride()
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=torch_ops.output_format(x, p))
     _close(dx, ref_dx, atol * 4, rtol * 4, "dx")
     s = float(np.sqrt(p.m))
     if w is None:
@@ -168,6 +175,7 @@ def test_batch_norm_without_affine(tiles, affine, activation, placement):
         ("instance", (3, 5, 7, 2), None, False),
         ("instance", (3, 5, 7, 2), None, True),
         ("instance", (2, 3, 11), None, False),
+        ("group", (7, 13), 1, False),  # one group, R = 1: the row path
     ],
 )
 def test_group_and_instance_norm(tiles, kind, shape, groups, cl, dtype, activation, placement):
@@ -180,12 +188,17 @@ def test_group_and_instance_norm(tiles, kind, shape, groups, cl, dtype, activati
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "kind,shape,groups,cl",
-    [("batch", (3, 5, 7, 2), None, False), ("batch", (3, 5, 7, 2), None, True), ("group", (2, 6, 5), 2, False)],
+    [
+        ("batch", (3, 5, 7, 2), None, False),
+        ("batch", (3, 5, 7, 2), None, True),
+        ("group", (2, 6, 5), 2, False),
+        ("layer", (3, 2, 13), None, False),
+    ],
 )
 def test_eval_forward_and_backward(tiles, kind, shape, groups, cl, dtype, activation, placement):
     """Given (running) statistics: y and the gradients with the statistics as constants, against the torch path
     evaluated in float64 on the same inputs."""
-    p = plan(kind, shape, groups=groups)
+    p = _plan(kind, shape, groups)
     x, w, b, dy = _make(shape, cl, dtype, p, w_dtype=torch.float32)
     n_stats = int(np.prod(p.stat_shape))
     stats = (torch.randn(n_stats), torch.rand(n_stats) + 0.5)
@@ -209,6 +222,52 @@ def test_eval_forward_and_backward(tiles, kind, shape, groups, cl, dtype, activa
     _close(db, ref[2], atol * s, rtol * 2, "db")
 
 
+# (shape, normalized_ndim): with TINY, K = 5 and 4 fit one tile, K = 13 and 15 run in chunks of 4.
+LAYER_SHAPES = [((7, 13), 1), ((2, 3, 5), 1), ((2, 3, 5), 2), ((1, 4), 1)]
+
+
+@pytest.mark.parametrize("tiles", ["tiny", "default"], indirect=True)
+@pytest.mark.parametrize("activation,placement", [(None, "before"), ("gelu", "before"), ("silu", "after")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,nd", LAYER_SHAPES, ids=str)
+def test_layer_norm(tiles, shape, nd, dtype, activation, placement):
+    """Layer norm (the row path): whole rows in registers, or chunked rows (TINY, K > 8)."""
+    p = plan("layer", shape, normalized_ndim=nd)
+    _check_training(*_make(shape, False, dtype, p), p, activation, placement)
+
+
+@pytest.mark.parametrize("tiles", ["tiny"], indirect=True)
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("shape,nd", [((5, 3), 1), ((3, 2, 7), 2)], ids=str)
+def test_layer_norm_without_affine(tiles, shape, nd, affine):
+    p = plan("layer", shape, normalized_ndim=nd)
+    _check_training(*_make(shape, False, torch.float32, p, affine=affine), p, "sigmoid", "before")
+
+
+@pytest.mark.parametrize("tiles", ["tiny"], indirect=True)
+def test_layer_norm_channels_last(tiles):
+    """Layer norm of a channels_last input: values in logical order, y and dx contiguous (as torch gives)."""
+    shape = (2, 3, 4, 5)
+    p = plan("layer", shape, normalized_ndim=2)
+    x, w, b, dy = _make(shape, True, torch.float32, p)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    _check_training(x, w, b, dy, p, "relu", "before")
+
+
+@pytest.mark.parametrize("tiles", ["tiny", "default"], indirect=True)
+def test_layer_norm_large_mean_small_spread(tiles):
+    """Rows with mean 1e4 and std 1e-2: the variance keeps its precision, in one tile or in chunks."""
+    shape = (3, 37)
+    p = plan("layer", shape, normalized_ndim=1)
+    x, w, b, _ = _make(shape, False, torch.float32, p, scale=1e-2, offset=1e4)
+    _, mean, var = kernels.forward(x, w, b, p, 1e-8)
+    _, cache = reference.forward(_np(x), _np(w), _np(b), 1e-8, p, None, "before")
+    ref_var = torch.as_tensor(cache[5]).reshape(-1)
+    rel = ((var.reshape(-1).double() - ref_var) / ref_var).abs().max().item()
+    assert rel < 1e-3, f"relative variance error {rel}"
+    _close(mean, cache[3], 0.0, 1e-7, "mean")
+
+
 @pytest.mark.parametrize("tiles", ["tiny", "default"], indirect=True)
 @pytest.mark.parametrize("layout", ["NC", "NCHW", "NHWC"])
 def test_large_mean_small_spread(tiles, layout):
@@ -230,11 +289,14 @@ def test_large_mean_small_spread(tiles, layout):
     _close(mean, cache[3], 0.0, 1e-7, "mean")
 
 
-@pytest.mark.parametrize("kind,shape,groups,cl", [("batch", (5, 3, 7, 3), None, True), ("group", (3, 6, 13), 2, False)])
+@pytest.mark.parametrize(
+    "kind,shape,groups,cl",
+    [("batch", (5, 3, 7, 3), None, True), ("group", (3, 6, 13), 2, False), ("layer", (9, 37), None, False)],
+)
 def test_deterministic(monkeypatch, kind, shape, groups, cl):
     """Two runs give bit-identical outputs, statistics and gradients (fixed merge order, no atomics)."""
     monkeypatch.setattr(launch, "TUNING", TINY)
-    p = plan(kind, shape, groups=groups)
+    p = _plan(kind, shape, groups)
     x, w, b, dy = _make(shape, cl, torch.float32, p)
     runs = []
     for _ in range(2):
@@ -284,7 +346,10 @@ def test_supports():
     assert kernels.supports(x.half(), plan("group", x.shape, groups=3))
     assert kernels.supports(x.bfloat16(), plan("instance", x.shape))
     assert not kernels.supports(x.double(), plan("batch", x.shape))
-    assert not kernels.supports(x, plan("layer", x.shape, normalized_ndim=1))
+    assert kernels.supports(x, plan("layer", x.shape, normalized_ndim=1))
+    assert kernels.supports(x.bfloat16(), plan("layer", x.shape, normalized_ndim=2))
+    assert kernels.supports(torch.randn(5), plan("layer", (5,), normalized_ndim=1))
+    assert not kernels.supports(x.double(), plan("layer", x.shape, normalized_ndim=1))
     assert not kernels.supports(torch.randn(0, 3, 5), plan("batch", (0, 3, 5)))
 
 
@@ -314,16 +379,16 @@ def test_torch_compile_fullgraph(tiles, monkeypatch):
     torch.testing.assert_close(layer.running_var, eager.running_var)
 
 
-@pytest.mark.parametrize("kind", ["batch", "group"])
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind,training", [("batch", True), ("batch", False), ("group", True), ("layer", True)])
 def test_through_functional(monkeypatch, kind, training):
     """normlab.functional with NORMLAB_BACKEND=triton (the kernels) matches NORMLAB_BACKEND=torch, output and
-    autograd gradients, in training and eval."""
+    autograd gradients, in training and eval (batch norm)."""
     import normlab.functional as F
 
     shape = (3, 4, 5, 3)
     x0 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    w0, b0, dy = torch.rand(4) + 0.5, torch.randn(4), torch.randn(shape)
+    affine = (5, 3) if kind == "layer" else (4,)
+    w0, b0, dy = torch.rand(affine) + 0.5, torch.randn(affine), torch.randn(shape)
     results = {}
     for name in ("torch", "triton"):
         monkeypatch.setenv("NORMLAB_BACKEND", name)
@@ -332,8 +397,11 @@ def test_through_functional(monkeypatch, kind, training):
             rm, rv = torch.zeros(4), torch.ones(4)
             y = F.batch_norm(x, rm, rv, w, b, training=training, activation="silu")
             extra = (rm, rv)
-        else:
+        elif kind == "group":
             y = F.group_norm(x, 2, w, b, activation="silu")
+            extra = ()
+        else:
+            y = F.layer_norm(x, (5, 3), w, b, activation="silu")
             extra = ()
         y.backward(dy)
         results[name] = (y, x.grad, w.grad, b.grad, *extra)
@@ -359,4 +427,4 @@ def test_compiles_for_sm90():
     script = Path(__file__).with_name("aot_compile.py")
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "compiled 21 of 21" in run.stdout
+    assert "compiled 30 of 30" in run.stdout

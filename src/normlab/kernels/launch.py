@@ -7,6 +7,10 @@ The input is addressed as ``(N, C, R)`` with strides ``(s_n, s_c, s_r)``: NCHW-l
 channels_last ``(R*C, 1, C)``. Other layouts are copied to contiguous first. When statistics pool over the batch
 and rows of different samples are evenly strided (channels_last, or ``R == 1``), the batch is folded into the
 positions (``N = 1``, ``R = N * R``), so ``(N, C)`` and NHWC inputs are one long strided matrix.
+
+Plans whose statistics run along contiguous rows (per sample, ``G = 1``, ``R = 1``: layer norm, and group norm
+of an ``(N, C)`` input with one group) take the row path instead (:func:`layer_fwd`, :func:`layer_bwd`): x as an
+``(N, K)`` matrix, one statistic per row, whole rows in registers when ``K`` fits.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class Tuning:
     block_r: Optional[int] = None
     programs: Optional[int] = None  # target number of reduction programs; None: 4 per SM on CUDA, 8 elsewhere
     merge_block: int = 64  # BLOCK_S / BLOCK_J / BLOCK_T / BLOCK_K of the merge kernels
+    row_max: int = 8192  # row path: longest row (elements, padded to a power of 2) held whole in registers
+    row_chunk: int = 4096  # row path: columns per step along a longer row
+    row_block_n: Optional[int] = None  # row path: rows per tile; None: tile // BLOCK_K (at least 1)
 
 
 TUNING = Tuning()
@@ -255,4 +262,88 @@ def norm_bwd(
         **_act_args(activation, after), **flags, BATCH_STATS=batch_stats,
         BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
+    return dx, dw, db
+
+
+# Row path (per-sample statistics along contiguous rows of K values: layer norm).
+
+
+def _row_blocks(K: int) -> tuple[int, int, bool, int]:
+    """``(BLOCK_N, BLOCK_K, SINGLE, num_warps)``: whole rows in one tile when ``K`` fits ``TUNING.row_max``,
+    else chunks of ``TUNING.row_chunk`` columns; about ``TUNING.tile`` elements per tile."""
+    t = TUNING
+    single = _pow2(K) <= t.row_max
+    block_k = _pow2(K) if single else _pow2(t.row_chunk)
+    block_n = t.row_block_n or max(1, t.tile // block_k)
+    return block_n, block_k, single, min(16, max(4, block_n * block_k // 512))
+
+
+def layer_fwd(
+    x: torch.Tensor,
+    w: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    N: int,
+    K: int,
+    eps: float,
+    activation: str,
+    after: bool,
+    stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the row path: ``(y, mean, var)``, statistics flat ``(N,)`` float32. ``x`` holds ``N`` rows of
+    ``K`` values in logical order; ``stats``: given flat float32 ``(mean, var)`` (eval), else the rows' own."""
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    if stats is None:
+        mean = torch.empty(N, device=x.device, dtype=torch.float32)
+        var = torch.empty(N, device=x.device, dtype=torch.float32)
+    else:
+        mean, var = stats
+    block_n, block_k, single, warps = _row_blocks(K)
+    norm._layer_fwd_kernel[(triton.cdiv(N, block_n),)](
+        xc, y, _vec(w, mean), _vec(b, mean), mean, var, eps, N, K,
+        **_act_args(activation, after), HAS_W=w is not None, HAS_B=b is not None, STATS_GIVEN=stats is not None,
+        SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    return y, mean, var
+
+
+def layer_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: Optional[torch.Tensor],
+    b: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    N: int,
+    K: int,
+    activation: str,
+    after: bool,
+    batch_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the row path: ``(dx, dw, db)``; dw and db flat ``(K,)`` in w's and b's dtypes, empty when
+    absent. Each of ``P`` programs owns a run of row blocks and writes its own ``(K,)`` partial sums of dw and db;
+    a second kernel adds the ``P`` partials in index order (deterministic, no atomics)."""
+    xc, dyc = x.contiguous(), dy.contiguous()
+    dev = x.device
+    block_n, block_k, single, warps = _row_blocks(K)
+    n_blocks = triton.cdiv(N, block_n)
+    target = TUNING.programs
+    if target is None:
+        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+    bpp = triton.cdiv(n_blocks, min(n_blocks, target))
+    P = triton.cdiv(n_blocks, bpp)
+    part = torch.zeros((2, P, K), device=dev, dtype=torch.float32)
+    dx, dw, db = _grad_buffers(xc, w, b)
+    w_, b_ = _vec(w, mean), _vec(b, mean)
+    norm._layer_bwd_kernel[(P,)](
+        dyc, xc, dx, w_, b_, mean, rstd, part, N, K, bpp,
+        **_act_args(activation, after), HAS_W=w is not None, HAS_B=b is not None, BATCH_STATS=batch_stats,
+        SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    if w is not None or b is not None:
+        mb = TUNING.merge_block
+        norm._layer_grad_merge_kernel[(triton.cdiv(K, 4 * mb),)](
+            part, dw if w is not None else part, db if b is not None else part, P, K,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=4 * mb, BLOCK_P=mb,
+        )  # fmt: skip
     return dx, dw, db

@@ -430,3 +430,270 @@ def _dx_kernel(
     if AFTER:
         da = da * _act_grad(x, ACT)
     tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# Row path: statistics along contiguous rows (layer norm; any per-sample plan with G = 1 and R = 1). The input is
+# an (N, K) matrix with K contiguous; one statistic per row, w and b have K entries. A tile is BLOCK_N rows by
+# BLOCK_K columns. With SINGLE (K <= BLOCK_K) a row block is loaded once and stays in registers from its
+# statistics to its output; otherwise each row block loops over chunks of BLOCK_K columns, twice.
+#
+#     forward   per row:      mean, var of a (two-pass in registers; chunks: Chan-merge around shift = a[n, 0])
+#               per element:  xhat = (a - mean) * rstd,  z = xhat * w + b,  y = f(z) (before) or z
+#     backward  per element:  dz = dy * f'(z) (before) or dy,  g = dz * w
+#               per row:      c1 = Σ_k g / K,  c2 = Σ_k g * xhat / K
+#               per element:  dx = rstd * (g - c1 - xhat * c2) (batch statistics; else rstd * g), * f'(x) (after)
+#               per column:   dw = Σ_n dz * xhat,  db = Σ_n dz: per program over its rows, then summed over the
+#                             programs in index order by _layer_grad_merge_kernel (no atomics)
+
+
+@triton.jit
+def _layer_fwd_kernel(
+    x_ptr,  # input (N, K), rows contiguous
+    y_ptr,  # out (N, K), same layout
+    w_ptr,  # (K,) weight, any float dtype; unused without HAS_W
+    b_ptr,  # (K,) bias; unused without HAS_B
+    mean_ptr,  # (N,) float32: out, or in with STATS_GIVEN
+    var_ptr,  # (N,) float32 biased variance: out, or in with STATS_GIVEN
+    eps,  # added to the variance
+    N,  # rows (statistics)
+    K,  # row length (values per statistic)
+    ACT: tl.constexpr,  # activation name, "" for none
+    AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
+    HAS_W: tl.constexpr,  # w is given
+    HAS_B: tl.constexpr,  # b is given
+    STATS_GIVEN: tl.constexpr,  # normalize with mean_ptr and var_ptr (eval) instead of the rows' own statistics
+    SINGLE: tl.constexpr,  # K <= BLOCK_K: one tile holds whole rows
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per tile
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < N
+    row0 = rows.to(tl.int64) * K
+    base = row0[:, None]
+    k = tl.arange(0, BLOCK_K)
+    if STATS_GIVEN:
+        mean = tl.load(mean_ptr + rows, mask=n_mask, other=0.0)
+        var = tl.load(var_ptr + rows, mask=n_mask, other=1.0)
+    if SINGLE:
+        mask = n_mask[:, None] & (k < K)[None, :]
+        a = tl.load(x_ptr + base + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if AFTER:
+            a = _act(a, ACT)
+        if not STATS_GIVEN:
+            a = tl.where(mask, a, 0.0)
+            mean_0 = tl.sum(a, axis=1) / K  # first pass; the second corrects its rounding
+            d = tl.where(mask, a - mean_0[:, None], 0.0)
+            sd = tl.sum(d, axis=1)
+            mean = mean_0 + sd / K
+            var = tl.maximum(tl.sum(d * d, axis=1) - sd * sd / K, 0.0) / K
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.full([BLOCK_K], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        b = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if HAS_B:
+            b = tl.load(b_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        z = (a - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        if not AFTER:
+            z = _act(z, ACT)
+        tl.store(y_ptr + base + k[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        if not STATS_GIVEN:
+            shift = tl.load(x_ptr + row0, mask=n_mask, other=0.0).to(tl.float32)
+            if AFTER:
+                shift = _act(shift, ACT)
+            count = tl.zeros([BLOCK_N], dtype=tl.float32)
+            mean = tl.zeros([BLOCK_N], dtype=tl.float32)
+            m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + k
+                mask = n_mask[:, None] & (kk < K)[None, :]
+                a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                if AFTER:
+                    a = _act(a, ACT)
+                a = tl.where(mask, a - shift[:, None], 0.0)
+                nb = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
+                mean_0 = tl.sum(a, axis=1) / nb
+                d = tl.where(mask, a - mean_0[:, None], 0.0)
+                sd = tl.sum(d, axis=1)
+                mean_b = mean_0 + sd / nb
+                m2_b = tl.sum(d * d, axis=1) - sd * sd / nb
+                total = count + nb
+                delta = mean_b - mean
+                mean = mean + delta * (nb / total)
+                m2 = m2 + m2_b + delta * delta * (count * nb / total)
+                count = total
+            mean = shift + mean
+            var = tl.maximum(m2, 0.0) / K
+        rstd = 1.0 / tl.sqrt(var + eps)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + k
+            k_mask = kk < K
+            mask = n_mask[:, None] & k_mask[None, :]
+            a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+            if AFTER:
+                a = _act(a, ACT)
+            z = (a - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                z = z * tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_B:
+                z = z + tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if not AFTER:
+                z = _act(z, ACT)
+            tl.store(y_ptr + base + kk[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
+    if not STATS_GIVEN:
+        tl.store(mean_ptr + rows, mean, mask=n_mask)
+        tl.store(var_ptr + rows, var, mask=n_mask)
+
+
+@triton.jit
+def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, AFTER: tl.constexpr):
+    """``(xhat, dz)`` of a (rows, columns) tile, both 0 outside ``mask``; ``dz = dy * f'(z)`` with ``z = xhat * w + b``
+    recomputed ("before"), else ``dy``."""
+    a = x
+    if AFTER:
+        a = _act(x, ACT)
+    xhat = tl.where(mask, (a - mean[:, None]) * rstd[:, None], 0.0)
+    dz = dy
+    if not AFTER:
+        dz = dy * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+    return xhat, tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def _layer_bwd_kernel(
+    dy_ptr,  # gradient of y, (N, K) rows contiguous
+    x_ptr,  # input, same layout
+    dx_ptr,  # out, same layout
+    w_ptr,  # (K,) weight; unused without HAS_W
+    b_ptr,  # (K,) bias; unused without HAS_B
+    mean_ptr,  # (N,) float32 statistics used by the forward
+    rstd_ptr,  # (N,) float32
+    part_ptr,  # out (2, P, K) float32, zeroed: Σ dz * xhat and Σ dz over each program's rows
+    N,  # rows
+    K,  # row length
+    BPP,  # row blocks (of BLOCK_N rows) per program; program p owns blocks p * BPP ... p * BPP + BPP - 1
+    ACT: tl.constexpr,  # activation name, "" for none
+    AFTER: tl.constexpr,  # activation before the norm
+    HAS_W: tl.constexpr,  # w is given
+    HAS_B: tl.constexpr,  # b is given
+    BATCH_STATS: tl.constexpr,  # the statistics were the rows' own and carry gradient
+    SINGLE: tl.constexpr,  # K <= BLOCK_K: one tile holds whole rows
+    BLOCK_N: tl.constexpr,  # rows per row block
+    BLOCK_K: tl.constexpr,  # columns per tile
+):
+    pid = tl.program_id(0)
+    plane = tl.num_programs(0) * K
+    k = tl.arange(0, BLOCK_K)
+    if SINGLE:
+        k_mask = k < K
+        w = tl.full([BLOCK_K], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        b = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if HAS_B:
+            b = tl.load(b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_K], dtype=tl.float32)
+        db = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for i in range(BPP):
+            rows = (pid * BPP + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = rows < N
+            mask = n_mask[:, None] & k_mask[None, :]
+            offs = rows.to(tl.int64)[:, None] * K + k[None, :]
+            mean = tl.load(mean_ptr + rows, mask=n_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=n_mask, other=0.0)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
+            db += tl.sum(dz, axis=0)
+            dw += tl.sum(dz * xhat, axis=0)
+            g = dz * w[None, :]
+            if BATCH_STATS:
+                c1 = tl.sum(g, axis=1) / K
+                c2 = tl.sum(g * xhat, axis=1) / K
+                da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+            else:
+                da = g * rstd[:, None]
+            if AFTER:
+                da = da * _act_grad(x, ACT)
+            tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + pid * K + k, dw, mask=k_mask)
+        tl.store(part_ptr + plane + pid * K + k, db, mask=k_mask)
+    else:
+        for i in range(BPP):
+            rows = (pid * BPP + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = rows < N
+            base = rows.to(tl.int64)[:, None] * K
+            mean = tl.load(mean_ptr + rows, mask=n_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=n_mask, other=0.0)
+            c1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            c2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if BATCH_STATS:  # first sweep: the row sums c1, c2
+                for k0 in range(0, K, BLOCK_K):
+                    kk = k0 + k
+                    k_mask = kk < K
+                    mask = n_mask[:, None] & k_mask[None, :]
+                    w = tl.full([BLOCK_K], 1.0, tl.float32)
+                    if HAS_W:
+                        w = tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                    b = tl.zeros([BLOCK_K], dtype=tl.float32)
+                    if HAS_B:
+                        b = tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                    x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                    dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                    xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
+                    g = dz * w[None, :]
+                    c1 += tl.sum(g, axis=1)
+                    c2 += tl.sum(g * xhat, axis=1)
+                c1 = c1 / K
+                c2 = c2 / K
+            for k0 in range(0, K, BLOCK_K):  # second sweep: dx, and this program's dw, db
+                kk = k0 + k
+                k_mask = kk < K
+                mask = n_mask[:, None] & k_mask[None, :]
+                w = tl.full([BLOCK_K], 1.0, tl.float32)
+                if HAS_W:
+                    w = tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                b = tl.zeros([BLOCK_K], dtype=tl.float32)
+                if HAS_B:
+                    b = tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
+                g = dz * w[None, :]
+                da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+                if AFTER:
+                    da = da * _act_grad(x, ACT)
+                tl.store(dx_ptr + base + kk[None, :], da.to(dx_ptr.dtype.element_ty), mask=mask)
+                p_dw = part_ptr + pid * K + kk  # this program's own row of the partials: no other program writes it
+                tl.store(p_dw, tl.load(p_dw, mask=k_mask, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
+                p_db = p_dw + plane
+                tl.store(p_db, tl.load(p_db, mask=k_mask, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
+
+
+@triton.jit
+def _layer_grad_merge_kernel(
+    part_ptr,  # (2, P, K) float32 from _layer_bwd_kernel
+    dw_ptr,  # out (K,) in w's dtype; unused without HAS_W
+    db_ptr,  # out (K,) in b's dtype; unused without HAS_B
+    P,  # programs of _layer_bwd_kernel
+    K,  # row length
+    HAS_W: tl.constexpr,  # w is given
+    HAS_B: tl.constexpr,  # b is given
+    BLOCK_K: tl.constexpr,  # columns per program
+    BLOCK_P: tl.constexpr,  # partial rows summed per step
+):
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = k < K
+    dw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & k_mask[None, :]
+        offs = p[:, None] * K + k[None, :]
+        dw += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
+        db += tl.sum(tl.load(part_ptr + P * K + offs, mask=mask, other=0.0), axis=0)
+    if HAS_W:
+        tl.store(dw_ptr + k, dw.to(dw_ptr.dtype.element_ty), mask=k_mask)
+    if HAS_B:
+        tl.store(db_ptr + k, db.to(db_ptr.dtype.element_ty), mask=k_mask)
