@@ -4,8 +4,13 @@ PYTHON ?= python3
 TORCH ?= torch
 VENV := .venv
 BIN := $(VENV)/bin
-NORMLAB_DATA ?= $(abspath ../shared/data/mnist)
+# The MNIST files beside this checkout (CI and the dev machines have them); elsewhere the lab downloads into the
+# user cache, or falls back to its shipped sample.
+SHARED_MNIST := $(abspath ../shared/data/mnist)
+ifneq ($(wildcard $(SHARED_MNIST)),)
+NORMLAB_DATA ?= $(SHARED_MNIST)
 export NORMLAB_DATA
+endif
 
 .PHONY: demo test lint bench-cpu bench-gpu clean
 
