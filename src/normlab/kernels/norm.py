@@ -75,6 +75,20 @@ def _act_grad(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _load_affine(w_ptr, b_ptr, idx, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """``w`` and ``b`` at ``idx`` in float32; 1 and 0 where the layer has none."""
+    if HAS_W:
+        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(idx.shape, 1.0, tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros(idx.shape, dtype=tl.float32)
+    return w, b
+
+
+@triton.jit
 def _row_block(o, blk, lim, nrb, R, BLOCK_R: tl.constexpr):
     """Row block ``blk`` of output row ``o``: its sample ``n``, first position ``r0``, and how many positions from
     ``r0`` on are in range (0 for a block past the row's ``lim`` blocks)."""
@@ -283,12 +297,7 @@ def _grad_partial_kernel(
     s = _stat_index(o, c, G, K, PER_SAMPLE)  # per sample, output row o is sample o
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
     sdz = tl.zeros([BLOCK_C], dtype=tl.float32)
     sdzx = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(BPP):
@@ -406,12 +415,7 @@ def _dx_kernel(
     s = _stat_index(n, c, G, K, PER_SAMPLE)
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_W:
-        w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+    w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
     offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -487,12 +491,7 @@ def _layer_fwd_kernel(
             mean = mean_0 + sd / K
             var = tl.maximum(tl.sum(d * d, axis=1) - sd * sd / K, 0.0) / K
         rstd = 1.0 / tl.sqrt(var + eps)
-        w = tl.full([BLOCK_K], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        b = tl.zeros([BLOCK_K], dtype=tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        w, b = _load_affine(w_ptr, b_ptr, k, k < K, HAS_W, HAS_B)
         z = (a - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
         if not AFTER:
             z = _act(z, ACT)
@@ -587,12 +586,7 @@ def _layer_bwd_kernel(
     k = tl.arange(0, BLOCK_K)
     if SINGLE:
         k_mask = k < K
-        w = tl.full([BLOCK_K], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-        b = tl.zeros([BLOCK_K], dtype=tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        w, b = _load_affine(w_ptr, b_ptr, k, k_mask, HAS_W, HAS_B)
         dw = tl.zeros([BLOCK_K], dtype=tl.float32)
         db = tl.zeros([BLOCK_K], dtype=tl.float32)
         for i in range(BPP):
@@ -633,12 +627,7 @@ def _layer_bwd_kernel(
                     kk = k0 + k
                     k_mask = kk < K
                     mask = n_mask[:, None] & k_mask[None, :]
-                    w = tl.full([BLOCK_K], 1.0, tl.float32)
-                    if HAS_W:
-                        w = tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                    b = tl.zeros([BLOCK_K], dtype=tl.float32)
-                    if HAS_B:
-                        b = tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                    w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                     x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                     dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                     xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
@@ -651,12 +640,7 @@ def _layer_bwd_kernel(
                 kk = k0 + k
                 k_mask = kk < K
                 mask = n_mask[:, None] & k_mask[None, :]
-                w = tl.full([BLOCK_K], 1.0, tl.float32)
-                if HAS_W:
-                    w = tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                b = tl.zeros([BLOCK_K], dtype=tl.float32)
-                if HAS_B:
-                    b = tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                 x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                 xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
