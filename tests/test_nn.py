@@ -155,11 +155,15 @@ def test_fused_activation_equals_composition(name, args, activation, placement):
                                                ("InstanceNorm1d", (3,), (2, 3, 4)), ("GroupNorm", (2, 4), (2, 4, 3)),
                                                ("LayerNorm", ((2, 3),), (2, 2, 3))])
 def test_gradcheck(name, args, shape):
-    kw = {"affine": True} if name.startswith("Instance") else {}
+    kw = {"affine": True, "track_running_stats": True} if name.startswith("Instance") else {}
     layer = getattr(nl, name)(*args, dtype=torch.float64, activation="silu", **kw)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
     assert torch.autograd.gradgradcheck(layer, (x,))
+    if layer.state_dict().get("running_mean") is not None:
+        layer.eval()  # running statistics: constants of the graph
+        assert torch.autograd.gradcheck(layer, (x,))
+        assert torch.autograd.gradgradcheck(layer, (x,))
 
 
 def test_state_dict_round_trip_with_torch():

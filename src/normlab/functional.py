@@ -138,7 +138,8 @@ class _NormFunction(torch.autograd.Function):
 def _autograd_backward(ctx, dy, x, w, b, mean, rstd):
     kind, groups, normalized_ndim, activation, placement, batch_stats = ctx.args
     p = _plan_of(x, kind, groups, normalized_ndim)
-    stats = None if batch_stats else (mean, rstd.pow(-2) - ctx.eps)
+    # Given statistics are constants: detached, or autograd would walk back into this very op.
+    stats = None if batch_stats else (mean.detach(), rstd.detach().pow(-2) - ctx.eps)
     y = torch_ops.forward_autograd(x, w, b, p, ctx.eps, activation, placement, stats)
     inputs = (x, w, b)
     wrt = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
