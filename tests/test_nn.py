@@ -224,14 +224,18 @@ def test_batch_size_one():
     nl.BatchNorm2d(4)(torch.randn(1, 4, 2, 2))  # one sample, several positions: fine in training
 
 
-def test_zero_size_batch_matches_torch():
-    ours, theirs = _pair("BatchNorm2d", 3)
-    x = torch.randn(0, 3, 4, 4, requires_grad=True)
-    ya, yb = ours(x), theirs(x)
-    assert ya.shape == yb.shape == (0, 3, 4, 4)
-    ya.sum().backward()
-    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
-    torch.testing.assert_close(ours.running_var, theirs.running_var)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_zero_size_batch_matches_torch(momentum):
+    ours, theirs = _pair("BatchNorm2d", 3, momentum=momentum)
+    for x in (torch.randn(0, 3, 4, 4), torch.randn(5, 3, 4, 4) + 1):  # empty, then a real batch
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ours(xa), theirs(xb)
+        assert ya.shape == yb.shape == x.shape
+        ya.sum().backward()
+        yb.sum().backward()
+        assert xa.grad.shape == x.shape
+        torch.testing.assert_close(xa.grad, xb.grad)
+        _buffers_match(ours, theirs, torch.float32, f"after a batch of {len(x)}")
 
 
 @pytest.mark.parametrize(

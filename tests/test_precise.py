@@ -61,16 +61,25 @@ def test_failure_leaves_buffers_untouched():
         normlab.precise_bn(net, batches())
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
-    for bad, match in (([torch.randn(1, 4)], "more than 1 value per channel"), ([], "at least 2 values")):
+    nan_batch = torch.randn(8, 4)
+    nan_batch[3, 1] = float("nan")
+    for bad, match in (([torch.randn(1, 4)], "more than 1 value per channel"), ([], r"at least 2 values.*saw 0"),
+                       ([torch.randn(8, 4), nan_batch], r"layer '1' at batch 1 has non-finite statistics")):
         with pytest.raises(ValueError, match=match):
             normlab.precise_bn(net, bad)
         for k, v in net.state_dict().items():
             assert torch.equal(v, before[k]), k
+        assert int(net[1].num_skipped_updates) == 0  # non-persistent buffers are restored too
 
 
 def test_precise_then_batch_size_one_eval():
-    net = _net(nl.BatchNorm1d)
-    normlab.precise_bn(net, [torch.randn(16, 4) for _ in range(3)])
+    """After precise_bn, one sample in eval mode is Algorithm 2's transform with the pooled statistics."""
+    net = _net(nl.BatchNorm1d).double()
+    batches = [torch.randn(16, 4, dtype=torch.float64) for _ in range(3)]
+    normlab.precise_bn(net, batches)
+    h = torch.cat([net[0](b) for b in batches]).detach()
     net.eval()
-    single = torch.randn(1, 4)
-    torch.testing.assert_close(net(single), net(torch.cat([single, torch.randn(7, 4)]))[:1])
+    single = torch.randn(1, 4, dtype=torch.float64)
+    z = net[0](single)
+    want = (z - h.mean(0)) / torch.sqrt(h.var(0) + 1e-5) * net[1].weight + net[1].bias
+    torch.testing.assert_close(net[1](z), want)

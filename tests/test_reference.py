@@ -103,8 +103,10 @@ def test_inference_transform_is_algorithm_2():
     stats = [ref.batch_stats(bx) for bx in batches]
     means, variances, m = np.stack([s[0] for s in stats]), np.stack([s[1] for s in stats]), stats[0][2]
     mean, var = ref.population_stats(means, variances, m)
-    np.testing.assert_allclose(mean, means.mean(axis=0))
-    np.testing.assert_allclose(var, m / (m - 1) * variances.mean(axis=0))
+    # independently: the average of the batches' own means and unbiased (ddof=1) variances per channel
+    per_channel = [bx.transpose(1, 0, 2).reshape(3, -1) for bx in batches]
+    np.testing.assert_allclose(mean, np.mean([c.mean(axis=1) for c in per_channel], axis=0))
+    np.testing.assert_allclose(var, np.mean([c.var(axis=1, ddof=1) for c in per_channel], axis=0))
     w, b = rng.normal(size=3), rng.normal(size=3)
     x = rng.normal(size=(2, 3, 4))
     y = ref.batch_norm_inference(x, w, b, mean, var, 1e-5)

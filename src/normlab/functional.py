@@ -250,6 +250,8 @@ def batch_norm(
             update_running_stats(
                 running_mean, running_var, mean, var, p.m, momentum, num_batches_tracked, num_skipped
             )
+        elif num_batches_tracked is not None:  # an empty batch changes no statistic but counts, as in torch
+            num_batches_tracked.add_(1)
         return y
     if running_mean is None:
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")

@@ -19,12 +19,14 @@ class _Pooled:
         self.mean: torch.Tensor | None = None  # (C,) float64
         self.m2: torch.Tensor | None = None  # (C,) float64
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, where: str) -> None:
         p = plan("batch", x.shape)
         if p.numel == 0:
             return
         var, mean = torch.var_mean(view4(x, p).to(torch.float64), dim=p.stat_axes, correction=0)
         mean, m2, n_b = mean.reshape(-1), var.reshape(-1) * p.m, p.m
+        if not (torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+            raise ValueError(f"precise_bn: {where} has non-finite statistics; every buffer is left as it was")
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean, m2
             return
@@ -44,8 +46,8 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
     the mean over all of them and ``running_var`` their unbiased variance (``Σ (x - mean)² / (n - 1)`` over all
     ``n`` values), exact for batches of unequal size. Works for normlab's and torch.nn's batch-norm layers with
     ``track_running_stats=True``; other modules keep their mode (call it in the mode you train in, or in eval to
-    keep dropout out). Training flags, momenta and ``num_batches_tracked`` are restored; if anything fails, every
-    buffer is left as it was.
+    keep dropout out). Training flags and every other buffer (``num_batches_tracked``, ``num_skipped_updates``) are
+    restored; if anything fails (a batch with non-finite statistics included), every buffer is left as it was.
 
     Args:
         model: the network.
@@ -60,17 +62,17 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
     ]
     if not layers:
         return model
-    saved = {
-        m: (m.training, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers
-    }
+    names = {m: name or type(m).__name__ for name, m in model.named_modules()}
+    saved = {m: (m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in layers}
     pooled = {m: _Pooled() for m in layers}
+    batch_index = 0
 
     def record(module, args):
         x = args[0]
         activation = getattr(module, "activation", None)
         if activation is not None and getattr(module, "placement", "before") == "after":
             x = ACTIVATIONS[activation].fn(x)  # such a layer normalizes f(x), not x
-        pooled[module].add(x)
+        pooled[module].add(x, f"layer {names[module]!r} at batch {batch_index}")
 
     handles = [m.register_forward_pre_hook(record) for m in layers]
     param = next(model.parameters(), None)
@@ -79,24 +81,26 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
     try:
         for m in layers:
             m.train()
-        for i, batch in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
+        for batch_index, batch in enumerate(batches):  # record() reads batch_index
+            if num_batches is not None and batch_index >= num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             model(x.to(device) if device is not None else x)
-        if any(pooled[m].n < 2 for m in layers):
-            raise ValueError("precise_bn needs at least 2 values per channel in every batch-norm layer; got fewer")
+        for m in layers:
+            if pooled[m].n < 2:
+                raise ValueError(
+                    f"precise_bn needs at least 2 values per channel in every batch-norm layer; "
+                    f"layer {names[m]!r} saw {pooled[m].n}"
+                )
         ok = True
     finally:
         for h in handles:
             h.remove()
-        for m, (training, mean, var, nbt) in saved.items():
+        for m, (training, buffers) in saved.items():
             m.train(training)
-            m.num_batches_tracked.copy_(nbt)
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
             if ok:
                 m.running_mean.copy_(pooled[m].mean)
                 m.running_var.copy_(pooled[m].m2 / (pooled[m].n - 1))
-            else:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
     return model
