@@ -40,3 +40,9 @@ def test_plan_views(kind, shape, kw, view, pool):
 def test_plan_rejects(kind, shape, kw, match):
     with pytest.raises(ValueError, match=match):
         plan(kind, shape, **kw)
+
+
+def test_every_tier_implements_the_same_activations():
+    from normlab import activations, reference, spec
+
+    assert set(reference.ACTIVATIONS) == set(activations.ACTIVATIONS) == set(spec.ACTIVATIONS)

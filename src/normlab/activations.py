@@ -11,8 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default negative slope
-PLACEMENTS = ("before", "after")
+from normlab.spec import LEAKY_SLOPE
 
 
 class Activation(NamedTuple):
@@ -41,11 +40,3 @@ ACTIVATIONS: dict[str, Activation] = {
     "silu": Activation(torch.nn.functional.silu, _silu_grad),
     "gelu": Activation(torch.nn.functional.gelu, _gelu_grad),
 }
-
-
-def check(activation: str | None, placement: str) -> None:
-    """Raise ``ValueError`` for an unknown activation name or placement."""
-    if activation is not None and activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
-from normlab import activations, backend, torch_ops
-from normlab.spec import Plan, plan
+from normlab import backend, torch_ops
+from normlab.spec import Plan, check_activation, plan
 
 # The norm is two functions, forward and hand-derived backward. Under torch.compile they are two custom ops, so the
 # compiler sees one opaque op per direction (no graph break, no tracing into the backend choice or the Triton
@@ -154,12 +154,18 @@ def _check_input(input, eps: float, activation, placement) -> None:
         raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
     if not eps > 0:  # also rejects NaN
         raise ValueError(f"eps must be > 0, got {eps}")
-    activations.check(activation, placement)
+    check_activation(activation, placement)
 
 
-def _check_vector(t, name: str, shape: tuple[int, ...], what: str) -> None:
-    if t is not None and tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} ({what}), got shape {tuple(t.shape)}")
+def _check_shapes(shape: tuple[int, ...], what: str, **tensors) -> None:
+    """Each given tensor must have ``shape``; the error names the argument, the expected and the actual shape."""
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} ({what}), got shape {tuple(t.shape)}")
+
+
+def _per_channel(input: torch.Tensor, p: Plan, **tensors) -> None:
+    _check_shapes((p.G * p.K,), f"one per channel of the input of shape {tuple(input.shape)}", **tensors)
 
 
 def _norm(x, w, b, p: Plan, eps, activation, placement, stats=None):
@@ -237,11 +243,10 @@ def batch_norm(
     """
     _check_input(input, eps, activation, placement)
     p = plan("batch", input.shape)
-    c = p.G
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_vector(t, name, (c,), f"one per channel of the input of shape {tuple(input.shape)}")
+    _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must both be given or both be None; got {missing}=None")
     if training:
         if p.m == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
@@ -278,8 +283,7 @@ def instance_norm(
     """
     _check_input(input, eps, activation, placement)
     p = plan("instance", input.shape)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_vector(t, name, (p.G,), f"one per channel of the input of shape {tuple(input.shape)}")
+    _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if use_input_stats:
         if p.R == 1:
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
@@ -309,8 +313,7 @@ def group_norm(
     """
     _check_input(input, eps, activation, placement)
     p = plan("group", input.shape, groups=num_groups)
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_vector(t, name, (p.G * p.K,), f"one per channel of the input of shape {tuple(input.shape)}")
+    _per_channel(input, p, weight=weight, bias=bias)
     return _norm(input, weight, bias, p, eps, activation, placement)[0]
 
 
@@ -334,7 +337,6 @@ def layer_norm(
         raise ValueError(
             f"layer_norm: input must end in normalized_shape {shape}, got input of shape {tuple(input.shape)}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
-        _check_vector(t, name, shape, "normalized_shape")
+    _check_shapes(shape, "normalized_shape", weight=weight, bias=bias)
     p = plan("layer", input.shape, normalized_ndim=k)
     return _norm(input, weight, bias, p, eps, activation, placement)[0]

@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from normlab import activations
 from normlab import functional as F
+from normlab.spec import check_activation
 
 __all__ = [
     "BatchNorm1d",
@@ -39,7 +39,7 @@ class _Fused:
     placement: str
 
     def _set_activation(self, activation: str | None, placement: str) -> None:
-        activations.check(activation, placement)
+        check_activation(activation, placement)
         self.activation, self.placement = activation, placement
 
     def extra_repr(self) -> str:

@@ -45,7 +45,7 @@ import math
 
 import numpy as np
 
-from normlab.spec import Plan
+from normlab.spec import LEAKY_SLOPE, Plan, check_activation
 from normlab.spec import plan as make_plan
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -65,8 +65,6 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-LEAKY_SLOPE = 0.01
-
 # name -> (f, f'), both of the pre-activation value.
 ACTIVATIONS = {
     "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
@@ -79,11 +77,8 @@ ACTIVATIONS = {
 
 
 def _act(activation):
-    if activation is None:
-        return None
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return ACTIVATIONS[activation]
+    check_activation(activation, "before")
+    return None if activation is None else ACTIVATIONS[activation]
 
 
 def forward(x, w, b, eps, p: Plan, activation=None, placement="before"):

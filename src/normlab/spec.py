@@ -38,6 +38,21 @@ from typing import Literal
 Kind = Literal["batch", "instance", "group", "layer"]
 KINDS: tuple[str, ...] = ("batch", "instance", "group", "layer")
 
+# The activations a norm can fuse, and where: "before" = norm -> activation (the paper's BN before the
+# non-linearity), "after" = activation -> norm. Each tier implements them (NumPy in reference.py, torch in
+# activations.py, Triton in kernels/norm.py) under these names.
+ACTIVATIONS: tuple[str, ...] = ("gelu", "leaky_relu", "relu", "sigmoid", "silu", "tanh")
+PLACEMENTS: tuple[str, ...] = ("before", "after")
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default negative slope
+
+
+def check_activation(activation: str | None, placement: str) -> None:
+    """Raise ``ValueError`` for an activation name or placement outside :data:`ACTIVATIONS` / :data:`PLACEMENTS`."""
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+
 
 @dataclass(frozen=True)
 class Plan:

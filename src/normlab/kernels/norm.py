@@ -29,6 +29,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from normlab.spec import LEAKY_SLOPE
+
+_LEAKY_SLOPE = tl.constexpr(LEAKY_SLOPE)
+
 
 @triton.jit
 def _act(v, ACT: tl.constexpr):
@@ -36,7 +40,7 @@ def _act(v, ACT: tl.constexpr):
     if ACT == "relu":
         out = tl.maximum(v, 0.0)
     elif ACT == "leaky_relu":
-        out = tl.where(v > 0, v, 0.01 * v)
+        out = tl.where(v > 0, v, _LEAKY_SLOPE * v)
     elif ACT == "sigmoid":
         out = tl.sigmoid(v)
     elif ACT == "tanh":
@@ -56,7 +60,7 @@ def _act_grad(v, ACT: tl.constexpr):
     if ACT == "relu":
         out = tl.where(v > 0, 1.0, 0.0)
     elif ACT == "leaky_relu":
-        out = tl.where(v > 0, 1.0, 0.01)
+        out = tl.where(v > 0, 1.0, _LEAKY_SLOPE)
     elif ACT == "sigmoid":
         s = tl.sigmoid(v)
         out = s * (1.0 - s)
