@@ -41,6 +41,11 @@ def _rows(p: Plan) -> bool:
     return not p.pool_batch and p.G == 1 and p.R == 1
 
 
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    """A statistic as the kernels read it: flat, contiguous float32."""
+    return t.reshape(-1).to(torch.float32).contiguous()
+
+
 def _act(activation: str | None) -> str:
     return activation or ""
 
@@ -51,15 +56,14 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     ``p.stat_shape`` (for given ``stats``: those stats)."""
     after = placement == "after"
     if _rows(p):
-        given = None if stats is None else tuple(s.reshape(-1).to(torch.float32).contiguous() for s in stats)
+        given = None if stats is None else tuple(_flat32(s) for s in stats)
         y, mean, var = launch.layer_fwd(x, w, b, p.N, p.K, float(eps), _act(activation), after, given)
         return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
     common = (p.G, p.K, not p.pool_batch, float(eps), _act(activation), after)
     if stats is None:
         y, mean, var = launch.norm_fwd(x, w, b, *common)
     else:
-        mean = stats[0].reshape(-1).to(torch.float32).contiguous()
-        var = stats[1].reshape(-1).to(torch.float32).contiguous()
+        mean, var = _flat32(stats[0]), _flat32(stats[1])
         y = launch.norm_apply(x, w, b, mean, var, *common)
     return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
 
@@ -67,8 +71,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
 def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="before", batch_stats=True):
     """Gradients of :func:`forward`: ``(dx, dw, db)``, dw and db None when w and b are None (flat, in their
     dtypes). Same contract as :func:`normlab.torch_ops.backward`."""
-    mean = mean.reshape(-1).to(torch.float32).contiguous()
-    rstd = rstd.reshape(-1).to(torch.float32).contiguous()
+    mean, rstd = _flat32(mean), _flat32(rstd)
     act, after = _act(activation), placement == "after"
     if _rows(p):
         dx, dw, db = launch.layer_bwd(dy, x, w, b, mean, rstd, p.N, p.K, act, after, bool(batch_stats))

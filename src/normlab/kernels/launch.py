@@ -98,17 +98,19 @@ def _blocks(g: _Geometry) -> tuple[int, int, int]:
     return block_c, block_r, (8 if block_c * block_r >= 4096 else 4)
 
 
+def _target_programs(device: torch.device) -> int:
+    """How many programs a reduction should spread over: ``TUNING.programs``, else 4 per SM on CUDA, 8 elsewhere."""
+    if TUNING.programs is not None:
+        return TUNING.programs
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _split(g: _Geometry, block_c: int, block_r: int, device: torch.device) -> tuple[int, int, int, int]:
     """Row blocks of the reductions: ``(nrb, lim, T, BPP)``, so that ``OUT * T * cdiv(C, BLOCK_C)`` programs of
     ``BPP`` row blocks each keep every SM busy even when C is small."""
     nrb = triton.cdiv(g.R, block_r)
     lim = nrb if g.per_sample else g.N * nrb
-    target = TUNING.programs
-    if target is None:
-        if device.type == "cuda":
-            target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        else:
-            target = 8
+    target = _target_programs(device)
     per_row = max(1, target // (g.out * triton.cdiv(g.C, block_c)))
     bpp = triton.cdiv(lim, min(lim, per_row))
     return nrb, lim, triton.cdiv(lim, bpp), bpp
@@ -327,9 +329,7 @@ def layer_bwd(
     dev = x.device
     block_n, block_k, single, warps = _row_blocks(K)
     n_blocks = triton.cdiv(N, block_n)
-    target = TUNING.programs
-    if target is None:
-        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 8
+    target = _target_programs(dev)
     bpp = triton.cdiv(n_blocks, min(n_blocks, target))
     P = triton.cdiv(n_blocks, bpp)
     part = torch.zeros((2, P, K), device=dev, dtype=torch.float32)
