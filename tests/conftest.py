@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from normlab.spec import ACTIVATIONS, PLACEMENTS
+
 # (N, C, *S): primes, size-1 dims, 0-D/1-D/2-D/3-D spatial.
 SHAPES = [
     (7, 3),
@@ -29,6 +31,20 @@ TOLERANCES = [
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]  # against torch.nn (float16: against the reference)
 TOL = {dtype: (atol, rtol) for dtype, atol, rtol in TOLERANCES}
+
+
+# (activation, placement) pairs: no activation, then every fused activation before and after the norm.
+ACT_PLACEMENTS = [(None, "before")] + [(a, pl) for a in ACTIVATIONS for pl in PLACEMENTS]
+
+# torch.nn's module for each fused activation: the composition a fused layer must equal.
+TORCH_ACTIVATION = {
+    "relu": torch.nn.ReLU,
+    "leaky_relu": torch.nn.LeakyReLU,
+    "sigmoid": torch.nn.Sigmoid,
+    "tanh": torch.nn.Tanh,
+    "silu": torch.nn.SiLU,
+    "gelu": torch.nn.GELU,
+}
 
 
 def assert_close(actual, expected, dtype, scale=1.0, what=""):

@@ -10,9 +10,7 @@ import torch.nn.functional as TF
 import normlab.functional as F
 from normlab import backend, reference, torch_ops
 from normlab.spec import plan
-from tests.conftest import SHAPES, assert_close, channels_last
-
-ACTS = [(None, "before")] + [(a, pl) for a in sorted(reference.ACTIVATIONS) for pl in ("before", "after")]
+from tests.conftest import ACT_PLACEMENTS, SHAPES, assert_close, channels_last
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -39,7 +37,7 @@ def test_batch_norm_matches_torch_functional(shape, training, chunk, monkeypatch
     [("batch", (4, 3, 5), {}), ("batch", (6, 2), {}), ("instance", (2, 3, 7), {}), ("group", (2, 6, 5), {"groups": 2}),
      ("layer", (3, 2, 5), {"normalized_ndim": 2})],
 )
-@pytest.mark.parametrize("activation, placement", ACTS)
+@pytest.mark.parametrize("activation, placement", ACT_PLACEMENTS)
 @pytest.mark.parametrize(
     "dtype, chunk",
     [(torch.float64, 1 << 18), (torch.float32, 1 << 18), (torch.bfloat16, 1 << 18), (torch.float16, 1 << 18),

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normlab.nn as nl
-from tests.conftest import CHANNELS_LAST_SHAPES, DTYPES, SHAPES, SPATIAL_SHAPES, assert_close, channels_last
+from tests.conftest import (
+    CHANNELS_LAST_SHAPES,
+    DTYPES,
+    SHAPES,
+    SPATIAL_SHAPES,
+    TORCH_ACTIVATION,
+    assert_close,
+    channels_last,
+)
 
 BN = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 IN = {3: "InstanceNorm1d", 4: "InstanceNorm2d", 5: "InstanceNorm3d"}
@@ -138,11 +146,10 @@ def test_layernorm_channels_last_input(normalized):
 
 @pytest.mark.parametrize("name, args", [("BatchNorm2d", (3,)), ("InstanceNorm2d", (3,)), ("GroupNorm", (3, 3)),
                                         ("LayerNorm", ((3, 4, 5),))])
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu"])
+@pytest.mark.parametrize("activation", list(TORCH_ACTIVATION))
 @pytest.mark.parametrize("placement", ["before", "after"])
 def test_fused_activation_equals_composition(name, args, activation, placement):
-    act = {"relu": torch.nn.ReLU(), "leaky_relu": torch.nn.LeakyReLU(), "sigmoid": torch.nn.Sigmoid(),
-           "tanh": torch.nn.Tanh(), "silu": torch.nn.SiLU(), "gelu": torch.nn.GELU()}[activation]
+    act = TORCH_ACTIVATION[activation]()
     fused = getattr(nl, name)(*args, activation=activation, placement=placement, dtype=torch.float64)
     plain = getattr(torch.nn, name)(*args, dtype=torch.float64)
     plain.load_state_dict(fused.state_dict())

@@ -6,6 +6,7 @@ import torch
 
 from normlab import reference as ref
 from normlab.spec import plan
+from tests.conftest import ACT_PLACEMENTS, TORCH_ACTIVATION
 
 CASES = [
     ("batch", (4, 3, 5), {}),
@@ -14,7 +15,6 @@ CASES = [
     ("group", (2, 6, 3), {"groups": 3}),
     ("layer", (3, 2, 5), {"normalized_ndim": 2}),
 ]
-ACTS = [(None, "before")] + [(a, pl) for a in sorted(ref.ACTIVATIONS) for pl in ("before", "after")]
 
 
 def _inputs(p, rng):
@@ -26,7 +26,7 @@ def _inputs(p, rng):
 
 
 @pytest.mark.parametrize("kind, shape, kw", CASES)
-@pytest.mark.parametrize("activation, placement", ACTS)
+@pytest.mark.parametrize("activation, placement", ACT_PLACEMENTS)
 def test_backward_matches_finite_differences(kind, shape, kw, activation, placement):
     rng = np.random.default_rng(1)
     p = plan(kind, shape, **kw)
@@ -51,9 +51,7 @@ def test_backward_matches_finite_differences(kind, shape, kw, activation, placem
 
 
 def _torch_norm(xt, wt, bt, p, activation, placement):
-    act = {None: lambda v: v, "relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-           "silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-           "leaky_relu": lambda v: torch.nn.functional.leaky_relu(v, 0.01)}[activation]
+    act = (lambda v: v) if activation is None else TORCH_ACTIVATION[activation]()
     a = act(xt) if placement == "after" else xt
     a4 = a.reshape(p.view_shape)
     mean = a4.mean(dim=p.stat_axes, keepdim=True)
@@ -63,7 +61,7 @@ def _torch_norm(xt, wt, bt, p, activation, placement):
 
 
 @pytest.mark.parametrize("kind, shape, kw", CASES)
-@pytest.mark.parametrize("activation, placement", ACTS)
+@pytest.mark.parametrize("activation, placement", ACT_PLACEMENTS)
 def test_backward_matches_torch_autograd(kind, shape, kw, activation, placement):
     rng = np.random.default_rng(2)
     p = plan(kind, shape, **kw)

@@ -17,9 +17,7 @@ pytest.importorskip("triton", reason="the Triton kernels need triton (pip instal
 from normlab import kernels, reference, torch_ops  # noqa: E402
 from normlab.kernels import launch  # noqa: E402
 from normlab.spec import plan  # noqa: E402
-
-ACTS = [None, "relu", "silu", "gelu", "tanh", "sigmoid", "leaky_relu"]
-ACT_PLACEMENTS = [(None, "before")] + [(a, pl) for a in ACTS[1:] for pl in ("before", "after")]
+from tests.conftest import ACT_PLACEMENTS  # noqa: E402
 
 # name -> (shape, channels_last): primes and size-1 dims in every layout.
 LAYOUTS = {
