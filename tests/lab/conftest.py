@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def mnist_dir() -> Path:
-    """The real files: ``$NORMLAB_DATA``, else ``../shared/data/mnist`` beside the repo (as CI lays it out)."""
-    return Path(os.environ.get("NORMLAB_DATA") or REPO.parent / "shared" / "data" / "mnist")
+from normlab.lab import data as D
 
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
-    d = mnist_dir()
-    if not (d / "train-images-idx3-ubyte.gz").is_file() and not (d / "train-images-idx3-ubyte").is_file():
-        pytest.fail(f"the MNIST files are not in {d}: set NORMLAB_DATA to the folder that holds them")
+    """The real MNIST files, where the lab itself looks for them: ``$NORMLAB_DATA``, else the user cache.
+
+    Fails (not skips) when they are absent: the lab's tests are on the real data. ``make test`` points
+    ``NORMLAB_DATA`` at ``../shared/data/mnist`` when that folder exists.
+    """
+    d = D.resolve_data_dir()
+    missing = [name for name in D.FILES.values() if D.find_file(d, name) is None]
+    if missing:
+        pytest.fail(f"the MNIST files are not in {d} (missing: {', '.join(missing)}); set NORMLAB_DATA to the "
+                    "folder that holds them (make test uses ../shared/data/mnist)")
     return d
 
 

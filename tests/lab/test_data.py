@@ -87,7 +87,9 @@ def test_tiny_valid_set_loads(tmp_path):
 
 
 _img = np.zeros((5, 28, 28), np.uint8)
+_gz = gzip.compress(idx_bytes(np.random.default_rng(0).integers(0, 256, (5, 28, 28))), mtime=0)
 BAD = {
+    "corrupt gzip": ("train-images-idx3-ubyte.gz", _gz[:10] + b"\x00" * 5 + _gz[15:], "truncated or corrupt"),
     "wrong magic": ("train-images-idx3-ubyte", b"\x00\x00\x09\x03" + idx_bytes(_img)[4:], "wrong magic number"),
     "not idx at all": ("t10k-labels-idx1-ubyte", b"<html>Not Found</html>", "wrong magic number"),
     "truncated raw": ("train-images-idx3-ubyte", idx_bytes(_img)[:-100], "truncated"),
@@ -137,14 +139,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def server(tmp_path, real_dir):
-    """A local mirror: /good/ serves the real label files, /bad/ corrupt copies, /cut/ half of each."""
+    """A local mirror: /good/ serves the real label files, /bad/ corrupt copies, /cut/ half of each, /raw/ the
+    unpacked files under the .gz names."""
     root = tmp_path / "www"
-    for sub in ("good", "bad"):
+    for sub in ("good", "bad", "raw"):
         (root / sub).mkdir(parents=True)
     for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
         good = (real_dir / f"{name}.gz").read_bytes()
         (root / "good" / f"{name}.gz").write_bytes(good)
         data = bytearray(gzip.decompress(good))
+        (root / "raw" / f"{name}.gz").write_bytes(bytes(data))
         data[100] = (data[100] + 1) % 10  # one wrong label: a well-formed file with the wrong checksum
         (root / "bad" / f"{name}.gz").write_bytes(gzip.compress(bytes(data)))
     handler = lambda *a, **k: _Handler(*a, directory=str(root), **k)
@@ -178,6 +182,17 @@ def test_download_tries_mirrors_and_verifies(server, half_present, real):
     assert "MD5" in text  # the corrupt copy was rejected by its checksum
     assert "connection closed after" in text  # and the cut one by its length
     assert f"verified and saved {half_present / 'train-labels-idx1-ubyte.gz'}" in text
+    assert sorted(p.name for p in half_present.iterdir()) == sorted(f"{n}.gz" for n in D.FILES.values())
+
+
+def test_download_of_unpacked_files_is_stored_gzipped_and_synced(server, half_present, real, monkeypatch):
+    synced, fsync = [], D.os.fsync
+    monkeypatch.setattr(D.os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    D.download_mnist(half_present, mirrors=[f"{server}/raw/"], log=lambda m: None)
+    path = half_present / "t10k-labels-idx1-ubyte.gz"
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # re-compressed: the .gz name tells the truth
+    np.testing.assert_array_equal(D.read_idx(path), real.test_labels)
+    assert len(synced) >= 2  # each downloaded file reached the disk before it was moved into place
     assert sorted(p.name for p in half_present.iterdir()) == sorted(f"{n}.gz" for n in D.FILES.values())
 
 
@@ -224,6 +239,19 @@ def test_no_download_falls_back_to_sample_loudly(tmp_path, server):
 
 
 # ------------------------------------------------------------------------------------------------------ sample
+
+
+def test_bad_sample_is_rejected_by_name(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip archive")
+    with pytest.raises(D.MnistFormatError, match="junk.npz"):
+        D.load_sample(junk)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, train_images=_img, train_labels=np.zeros(5, np.uint8))
+    with pytest.raises(D.MnistFormatError, match=r"partial\.npz: no test_images, test_labels"):
+        D.load_sample(partial)
+    with pytest.raises(FileNotFoundError, match="absent.npz"):
+        D.load_sample(tmp_path / "absent.npz")
 
 
 def test_shipped_sample_is_small_and_reproducible(tmp_path, real_dir):

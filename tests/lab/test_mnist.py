@@ -104,6 +104,48 @@ def test_resume_equals_uninterrupted(base_run, real_dir, tmp_path, monkeypatch):
     assert (out / "metrics.jsonl").read_bytes() == (base_run[0] / "metrics.jsonl").read_bytes()
 
 
+def test_failed_resume_changes_nothing(real_dir, tmp_path):
+    out = tmp_path / "r"
+    quiet = dict(progress=False, log=lambda m: None)
+    run(short(real_dir, steps=20, eval_every=10, workers=1), out=out, **quiet)
+    names = ("config.json", "metrics.jsonl", "checkpoint.pt")
+    before = {n: (out / n).read_bytes() for n in names}
+
+    def unchanged():
+        return {n: (out / n).read_bytes() for n in names if (out / n).exists()} == {
+            n: b for n, b in before.items() if (out / n).exists()}
+
+    # the checkpoint is beyond the steps asked for: config.json keeps steps=20
+    with pytest.raises(ValueError, match="already at step 20, beyond steps=10"):
+        run(short(real_dir, steps=10, eval_every=10, workers=1), out=out, resume=True, **quiet)
+    assert unchanged()
+
+    # metrics.jsonl is gone: trained weights must not be evaluated as step 0 and checkpointed over
+    (out / "metrics.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing") as err:
+        run(short(real_dir, steps=30, eval_every=10, workers=1), out=out, resume=True, **quiet)
+    assert str(out) in str(err.value) and "checkpoint.pt is at step 20" in str(err.value)
+    assert not (out / "metrics.jsonl").exists() and unchanged()
+
+    # metrics.jsonl stops short of the checkpoint's step
+    (out / "metrics.jsonl").write_text(before["metrics.jsonl"].decode().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match="no record of step 20"):
+        run(short(real_dir, steps=30, eval_every=10, workers=1), out=out, resume=True, **quiet)
+    assert (out / "checkpoint.pt").read_bytes() == before["checkpoint.pt"]
+    assert (out / "config.json").read_bytes() == before["config.json"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("steps", 0, "steps must be >= 1, got steps=0"),
+    ("batch_size", 1, "batch_size must be >= 2 (batch norm needs two samples), got batch_size=1"),
+    ("engine", "jax", "engine must be one of ('torch', 'numpy'), got engine='jax'"),
+])
+def test_validate_names_the_field_and_its_value(field, value, message):
+    with pytest.raises(ValueError) as err:
+        MnistConfig(**{field: value}).validate()
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("variant", ["plain", "bn"])
 def test_numpy_and_torch_engines_agree_on_first_steps(real_dir, variant):
     ds = D.read_folder(real_dir)

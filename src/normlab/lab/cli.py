@@ -40,7 +40,9 @@ def _add_mnist(p: argparse.ArgumentParser) -> None:
                    help="processes: 2 trains each network in its own (default on a CPU with 2+ cores), 1 in this one")
     p.add_argument("--quick", action="store_true",
                    help=f"the demo: {QUICK['steps']:,} steps, evaluated every {QUICK['eval_every']}")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, written at each evaluation "
+                   "(the steps since it are trained again)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
 
@@ -72,7 +74,8 @@ def _run_mnist(args: argparse.Namespace) -> int:
     try:
         run(cfg, out=out, resume=args.resume, progress=False if args.no_progress else None)
     except KeyboardInterrupt:
-        print(f"\nnormlab: interrupted; continue with: normlab mnist --resume --out {out}", file=sys.stderr)
+        print(f"\nnormlab: interrupted; continue from the last evaluation with: normlab mnist --resume --out {out}",
+              file=sys.stderr)
         return 130
     return 0
 

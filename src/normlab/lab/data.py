@@ -5,10 +5,11 @@ then the user cache ``$XDG_CACHE_HOME/normlab/mnist`` (``~/.cache/normlab/mnist`
 (``train-images-idx3-ubyte.gz``) or raw (``train-images-idx3-ubyte``).
 
 When a file is missing it is downloaded from the public mirrors in :data:`MIRRORS`, one after the other, checked
-against the MD5 of the unpacked original (:data:`MD5`), and moved into place with ``os.replace`` only once it is
-whole and correct: an interrupted or corrupt download leaves nothing behind. When nothing can be downloaded, the
-small sample in ``normlab/lab/sample/mnist_sample.npz`` is used instead, with a loud warning: numbers measured on
-it are not the paper's.
+against the MD5 of the unpacked original (:data:`MD5`), and moved into place (by
+:func:`normlab.lab.files.atomic_write`) only once it is whole, correct and on disk: an interrupted or corrupt
+download leaves nothing behind. When nothing can be downloaded, the small sample in
+``normlab/lab/sample/mnist_sample.npz`` is used instead, with a loud warning: numbers measured on it are not the
+paper's. Every error about a file's content names the file (or the URL it came from).
 
 Images are returned as uint8 ``(N, 28, 28)`` and labels as uint8 ``(N,)``; :func:`to_inputs` turns images into the
 float32 ``(N, 784)`` network inputs, optionally standardized per pixel with training-set statistics.
@@ -20,13 +21,16 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from normlab.lab.files import atomic_write
 
 # The four files, by role; the names are those of the original distribution.
 FILES = {
@@ -119,7 +123,7 @@ def _unpack(raw: bytes, where: str) -> bytes:
         return raw
     try:
         return gzip.decompress(raw)
-    except (EOFError, OSError, gzip.BadGzipFile) as e:
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise MnistFormatError(f"{where}: not a readable gzip file ({e}); it is truncated or corrupt") from e
 
 
@@ -183,37 +187,39 @@ def _fetch_one(name: str, dest: Path, mirrors: Sequence[str], timeout: float, lo
     """Download ``name.gz`` into ``dest`` from the first mirror that gives a correct copy; returns its path."""
     final = dest / f"{name}.gz"
     errors = []
+
+    def fetch(url: str, out) -> None:
+        """Stream ``url`` into ``out``, then check it; raising leaves nothing behind (see atomic_write)."""
+        chunks = []
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            expected = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+            while chunk := resp.read(1 << 16):
+                out.write(chunk)
+                chunks.append(chunk)
+        raw = b"".join(chunks)
+        if expected is not None and len(raw) != int(expected):
+            raise DownloadError(f"{url}: connection closed after {len(raw)} of {expected} bytes")
+        data = _unpack(raw, url)
+        digest = hashlib.md5(data).hexdigest()
+        if digest != MD5[name]:
+            raise MnistFormatError(f"{url}: MD5 {digest} of the unpacked file, expected {MD5[name]}")
+        parse_idx(data, url)
+        if raw[:2] != b"\x1f\x8b":  # a mirror that serves it unpacked: keep the .gz name honest
+            out.seek(0)
+            out.truncate()
+            out.write(gzip.compress(data))
+
     for mirror in mirrors:
         url = mirror.rstrip("/") + f"/{name}.gz"
         log(f"normlab: downloading {url}")
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".part")
         try:
-            got = 0
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                expected = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-                while chunk := resp.read(1 << 16):
-                    out.write(chunk)
-                    got += len(chunk)
-            if expected is not None and got != int(expected):
-                raise DownloadError(f"{url}: connection closed after {got} of {expected} bytes")
-            raw = Path(tmp).read_bytes()
-            data = _unpack(raw, url)
-            digest = hashlib.md5(data).hexdigest()
-            if digest != MD5[name]:
-                raise MnistFormatError(f"{url}: MD5 {digest} of the unpacked file, expected {MD5[name]}")
-            parse_idx(data, url)
-            if raw[:2] != b"\x1f\x8b":  # a mirror that serves it unpacked: keep the .gz name honest
-                Path(tmp).write_bytes(gzip.compress(data))
-            os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a data file is for everyone to read
-            os.replace(tmp, final)
-            log(f"normlab: verified and saved {final}")
-            return final
+            atomic_write(final, lambda out, url=url: fetch(url, out))
         except Exception as e:  # any failure of one mirror means: try the next
             errors.append(f"{url}: {e}")
             log(f"normlab: failed: {e}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            continue
+        log(f"normlab: verified and saved {final}")
+        return final
     raise DownloadError(f"could not download {name}.gz:\n  " + "\n  ".join(errors))
 
 
@@ -228,9 +234,20 @@ def download_mnist(dest: str | os.PathLike, mirrors: Sequence[str] = MIRRORS, ti
 
 
 def load_sample(path: str | os.PathLike = SAMPLE_PATH) -> MNIST:
-    """The small sample shipped with normlab (see :func:`make_sample`)."""
-    with np.load(path) as z:
-        arrays = {role: z[role] for role in FILES}
+    """The small sample shipped with normlab (see :func:`make_sample`); errors name the file."""
+    try:
+        with np.load(path) as z:
+            missing = [role for role in FILES if role not in z.files]
+            if missing:
+                raise MnistFormatError(f"{path}: no {', '.join(missing)} in the archive, expected {', '.join(FILES)}")
+            arrays = {role: z[role] for role in FILES}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, MnistFormatError) or (isinstance(e, OSError) and e.filename is not None):
+            raise  # names the file already
+        raise MnistFormatError(f"{path}: not a readable .npz sample ({e})") from e
+    for split in ("train", "test"):
+        _check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], f"{path} [{split}_images]",
+                    f"{path} [{split}_labels]")
     return MNIST(**arrays, source="sample", location=str(path))
 
 
@@ -266,16 +283,9 @@ def make_sample(src_dir: str | os.PathLike, out: str | os.PathLike = SAMPLE_PATH
     te = np.sort(rng.choice(len(full.test_labels), n_test, replace=False))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, train_images=full.train_images[tr], train_labels=full.train_labels[tr],
-                                test_images=full.test_images[te], test_labels=full.test_labels[te])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda f: np.savez_compressed(
+        f, train_images=full.train_images[tr], train_labels=full.train_labels[tr],
+        test_images=full.test_images[te], test_labels=full.test_labels[te]))
     return out
 
 

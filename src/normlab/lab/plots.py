@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from normlab.lab.files import atomic_write
+
 
 def _read(run_dir: Path) -> tuple[list[dict], dict]:
     with open(run_dir / "metrics.jsonl") as f:
@@ -23,7 +25,11 @@ def _read(run_dir: Path) -> tuple[list[dict], dict]:
 
 
 def plot_figure1(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, dpi: int = 110) -> Path:
-    """Draw ``figure1.png`` (or ``out``) from the run folder ``run_dir``; returns the image's path."""
+    """Draw ``figure1.png`` (or ``out``) from the run folder ``run_dir``; returns the image's path.
+
+    The image's format follows ``out``'s suffix (PNG when it names none matplotlib knows); it is written
+    atomically, so concurrent plots of one run never collide and a reader never sees half an image.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # no display needed; a no-op if the caller already chose a backend
@@ -70,12 +76,10 @@ def plot_figure1(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     fig.suptitle(f"MNIST, 784-100-100-100-10 sigmoid network (Ioffe & Szegedy 2015, Fig. 1): {note}", fontsize=9)
     fig.tight_layout()
     path = Path(out) if out is not None else run_dir / "figure1.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    fmt = path.suffix[1:].lower()
+    fmt = fmt if fmt in fig.canvas.get_supported_filetypes() else "png"
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format=fmt))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path

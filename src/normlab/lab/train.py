@@ -16,7 +16,15 @@ A run folder holds::
     figure1.png      the paper's three panels, drawn from metrics.jsonl
     checkpoint.pt    both networks' state at the last evaluation, for --resume
 
-Each file is replaced atomically, so an interrupted run leaves the previous complete version, never a torn one.
+Each file is replaced atomically and fsynced (:func:`normlab.lab.files.atomic_write`), so an interrupted run, even
+by a power cut, leaves the previous complete version, never a torn one.
+
+Resuming: the checkpoint is written at each evaluation, right after that evaluation's metrics record, and at no
+other time (not on Ctrl-C either: a network interrupted mid-step has no consistent state to save). ``--resume``
+continues from the last checkpoint's step; the metrics records after that step, if any, are dropped, and the steps
+since that evaluation, at most ``eval_every``, are trained again. Since the data order is a pure function of
+``(seed, step)`` and the networks' and optimizer's states are restored exactly, the resumed run writes metrics
+byte-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ import os
 import platform
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +46,7 @@ import numpy as np
 import torch
 
 from normlab.lab import data as mnist_data
+from normlab.lab import files
 from normlab.lab.diagnostics import LABELS, format_table, sigmoid_input_percentiles, summarize
 from normlab.lab.models import MLP, VARIANTS, init_weights
 
@@ -69,21 +77,21 @@ class MnistConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field outside its allowed range."""
         checks = [
-            (self.steps >= 1, "steps must be >= 1"),
-            (self.batch_size >= 2, "batch_size must be >= 2 (batch norm needs two samples)"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.init_std > 0, "init_std must be > 0"),
-            (self.eval_every >= 1, "eval_every must be >= 1"),
-            (self.engine in ENGINES, f"engine must be one of {ENGINES}"),
-            (self.optimizer == "sgd", "optimizer must be 'sgd'"),
-            (0 <= self.probe_unit < 100, "probe_unit must be in [0, 100)"),
-            (0 < self.bn_momentum <= 1, "bn_momentum must be in (0, 1]"),
-            (self.threads is None or self.threads >= 1, "threads must be None or >= 1"),
-            (self.workers in (None, 1, 2), "workers must be None, 1 or 2"),
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 2, "must be >= 2 (batch norm needs two samples)"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("init_std", self.init_std > 0, "must be > 0"),
+            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("engine", self.engine in ENGINES, f"must be one of {ENGINES}"),
+            ("optimizer", self.optimizer == "sgd", "must be 'sgd'"),
+            ("probe_unit", 0 <= self.probe_unit < 100, "must be in [0, 100)"),
+            ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
+            ("threads", self.threads is None or self.threads >= 1, "must be None or >= 1"),
+            ("workers", self.workers in (None, 1, 2), "must be None, 1 or 2"),
         ]
-        for ok, msg in checks:
+        for field, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{msg}, got {dataclasses.asdict(self)}")
+                raise ValueError(f"{field} {rule}, got {field}={getattr(self, field)!r}")
 
 
 # Fields a resumed run may change: they do not alter the numbers (steps only extends the run; the workers run the
@@ -280,33 +288,17 @@ def resolve_workers(cfg: MnistConfig, device: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# small file helpers: every write goes to a temporary file in the same folder, then os.replace.
+# small file helpers: every write goes through normlab.lab.files.atomic_write.
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that readers see the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    files.write_text(path, text)
 
 
 def save_atomic(path: Path, obj) -> None:
-    """``torch.save`` ``obj`` to ``path`` through a temporary file, so a crash never leaves a torn checkpoint."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``torch.save`` ``obj`` to ``path`` atomically, so a crash never leaves a torn checkpoint."""
+    files.atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -338,8 +330,10 @@ def run(cfg: MnistConfig, out: str | os.PathLike | None = None, resume: bool = F
     Args:
         cfg: the configuration; ``device="auto"`` and ``workers=None`` are resolved and recorded.
         out: the run folder (default: a new one under ``./runs``). Must not hold a run unless ``resume``.
-        resume: continue the run in ``out`` from its checkpoint; the configuration must match the saved one
-            except for :data:`RESUMABLE_CHANGES`.
+        resume: continue the run in ``out`` from its checkpoint, the state at its last evaluation (the steps
+            trained since are trained again; see the module's docstring). The configuration must match the saved
+            one except for :data:`RESUMABLE_CHANGES`. A run folder without a checkpoint starts again from step 0.
+            Nothing in the folder is written before the checkpoint and the metrics are checked.
         progress: show a progress bar (default: when stderr is a terminal).
         on_eval: called with each new metrics record, after it and the checkpoint are written.
         log: where messages go (default: stderr).
@@ -359,6 +353,21 @@ def run(cfg: MnistConfig, out: str | os.PathLike | None = None, resume: bool = F
     resolved = {**dataclasses.asdict(cfg), "device": device, "workers": resolve_workers(cfg, device)}
     if resume:
         _check_resumable(json.loads(config_path.read_text())["config"], resolved, run_dir)
+    # -- resume: the checkpoint's step, and the metrics up to it (later records were never checkpointed). Checked
+    # before anything in the folder is written, so a failed --resume leaves the run as it was.
+    start, records, state = 0, [], None
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=True)
+        start = int(state["step"])
+        if start > cfg.steps:
+            raise ValueError(f"{run_dir} is already at step {start:,}, beyond steps={cfg.steps:,}")
+        if not metrics_path.is_file():
+            raise FileNotFoundError(f"cannot resume {run_dir}: {ckpt_path.name} is at step {start:,} but "
+                                    f"{metrics_path.name} is missing; restore it, or start a new run")
+        records = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+        if not records or records[-1]["step"] != start:
+            raise ValueError(f"cannot resume {run_dir}: {ckpt_path.name} is at step {start:,} but "
+                             f"{metrics_path.name} has no record of step {start:,}")
     meta = {
         "config": resolved,
         "paper": "Ioffe & Szegedy 2015, section 4.1, Figure 1",
@@ -369,8 +378,6 @@ def run(cfg: MnistConfig, out: str | os.PathLike | None = None, resume: bool = F
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                  "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(config_path, json.dumps(meta, indent=2) + "\n")
 
     old_threads, nets, bar = torch.get_num_threads(), {}, None
     t0 = time.perf_counter()
@@ -380,20 +387,15 @@ def run(cfg: MnistConfig, out: str | os.PathLike | None = None, resume: bool = F
             torch.set_num_threads(cfg.threads)
         for v in VARIANTS:
             nets[v] = Worker(v, cfg, ds, device) if resolved["workers"] > 1 else Local(build_net(v, cfg, ds, device))
-
-        # -- resume: the checkpoint's step, and the metrics up to it (later records were never checkpointed)
-        start, records = 0, []
-        if resume and ckpt_path.is_file():
-            state = torch.load(ckpt_path, weights_only=True)
-            start = int(state["step"])
-            if start > cfg.steps:
-                raise ValueError(f"{run_dir} is already at step {start:,}, beyond steps={cfg.steps:,}")
+        if state is not None:
             for v, net in nets.items():
                 net.send("load_state_dict", state["nets"][v])
             for net in nets.values():
                 net.recv()
-            records = [r for r in read_metrics(metrics_path) if r["step"] <= start] if metrics_path.is_file() else []
             log(f"normlab: resuming {run_dir} at step {start:,} of {cfg.steps:,}")
+        # the configuration, once the checkpoint is checked and loaded: a failed --resume leaves config.json as it was
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(config_path, json.dumps(meta, indent=2) + "\n")
 
         def evaluate(step: int, train_loss: dict | None) -> None:
             ev = call_all(nets, "evaluate")
