@@ -87,14 +87,18 @@ def _chunks(p: Plan):
     return [(n0, min(n0 + rows, p.N)) for n0 in range(0, p.N, rows)] or [(0, 0)]  # an empty batch: one empty chunk
 
 
-def _scratch(x4: torch.Tensor, chunks, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two chunk-sized buffers laid out like x's chunks, reused by every chunk (sliced for a shorter last one).
+def _scratch(x4: torch.Tensor, chunks, dtype: torch.dtype):
+    """``out(i, n0, n1)``: rows n0:n1 of reusable buffer ``i`` (0 or 1), laid out like x's chunks; None (a fresh
+    tensor) when the input is a single chunk, whose temporaries are made once anyway.
 
     Fresh ~1 MiB temporaries per tensor operation cost page faults whenever the allocator hands back memory from the
     OS, which made the timings of large inputs jump by 2-3x from one call to the next.
     """
+    if len(chunks) == 1:
+        return lambda i, n0, n1: None
     n0, n1 = chunks[0]
-    return torch.empty_like(x4[n0:n1], dtype=dtype), torch.empty_like(x4[n0:n1], dtype=dtype)
+    bufs = [torch.empty_like(x4[n0:n1], dtype=dtype) for _ in range(2)]
+    return lambda i, n0, n1: bufs[i][: n1 - n0]
 
 
 def _rows(t: torch.Tensor, n0: int, n1: int) -> torch.Tensor:
@@ -126,7 +130,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
     cdt = compute_dtype(x.dtype)
     x4 = view4(x, p)                                                    # (N, G, K, R)
     chunks = _chunks(p)
-    buf_d, buf_tmp = _scratch(x4, chunks, cdt)                          # (rows, G, K, R) each
+    out = _scratch(x4, chunks, cdt)
     if stats is not None:
         mean, var = _stat4(stats[0], p, cdt), _stat4(stats[1], p, cdt)
         shift, d_mean, kept = mean, torch.zeros_like(mean), None
@@ -144,10 +148,10 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
             a = _act_in(x4[n0:n1].to(cdt), f, placement)                 # (rows, G, K, R)
             if not p.pool_batch:
                 shift[n0:n1] = a.mean(p.stat_axes, keepdim=True)
-            d = torch.sub(a, _rows(shift, n0, n1), out=buf_d[: n1 - n0])
+            d = torch.sub(a, _rows(shift, n0, n1), out=out(0, n0, n1))
             _rows(s1, n0, n1).add_(d.sum(p.stat_axes, keepdim=True))
-            _rows(s2, n0, n1).add_(torch.mul(d, d, out=buf_tmp[: n1 - n0]).sum(p.stat_axes, keepdim=True))
-        kept = (n0, d)  # the last chunk's d (in buf_d) serves the output sweep too: all of it for a small input
+            _rows(s2, n0, n1).add_(torch.mul(d, d, out=out(1, n0, n1)).sum(p.stat_axes, keepdim=True))
+        kept = (n0, d)  # the last chunk's d (in buffer 0) serves the output sweep too: all of it for a small input
         d_mean = s1 / p.m                                                # (N|1, G, 1, 1); NaN for an empty batch
         mean = shift + d_mean
         var = (s2 / p.m - d_mean * d_mean).clamp_(min=0)
@@ -163,7 +167,7 @@ def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", s
         if kept is not None and kept[0] == n0:
             d = kept[1]
         else:
-            d = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(shift, n0, n1), out=buf_tmp[: n1 - n0])
+            d = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(shift, n0, n1), out=out(1, n0, n1))
         offset_r, scale_r = _rows(offset, n0, n1), _rows(scale, n0, n1)
         if f is None or placement == "after":
             torch.addcmul(offset_r, d, scale_r, out=y4[n0:n1])          # (rows, G, K, R)
@@ -211,12 +215,12 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     w4, b4 = _affine4(w, p, cdt), _affine4(b, p, cdt)                  # (1, G, K, 1) or None
     wk = 1.0 if w4 is None else w4
     chunks = _chunks(p)
-    buf_xc, buf_tmp = _scratch(x4, chunks, cdt)                         # (rows, G, K, R) each
+    out = _scratch(x4, chunks, cdt)
 
-    def chunk(n0, n1, delta, out):
-        """x - mean (into ``out``) and dz = ∂l/∂z for rows n0:n1 (recomputed in each sweep rather than stored)."""
+    def chunk(n0, n1, delta, i):
+        """x - mean (into buffer ``i``) and dz = ∂l/∂z for rows n0:n1 (recomputed in each sweep rather than stored)."""
         mean_r, rstd_r = _rows(mean4, n0, n1), _rows(rstd4, n0, n1)
-        xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), mean_r, out=out[: n1 - n0])  # (rows, G, K, R)
+        xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), mean_r, out=out(i, n0, n1))  # (rows, G, K, R)
         dz = dy4[n0:n1].to(cdt)
         if f is not None and placement == "before":
             scale = rstd_r * wk
@@ -235,16 +239,16 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     delta_first = batch_stats and f is not None and placement == "before"
     if delta_first:
         for n0, n1 in chunks:
-            xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(mean4, n0, n1), out=buf_tmp[: n1 - n0])
+            xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(mean4, n0, n1), out=out(1, n0, n1))
             _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
         delta /= p.m
     for n0, n1 in chunks:
-        xc, dz = chunk(n0, n1, delta, buf_xc)
+        xc, dz = chunk(n0, n1, delta, 0)
         if batch_stats and not delta_first:
             _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
         _rows(sdz, n0, n1).add_(dz.sum(sum_axes, keepdim=True))
-        _rows(sdzxc, n0, n1).add_(torch.mul(dz, xc, out=buf_tmp[: n1 - n0]).sum(sum_axes, keepdim=True))
-    kept = (n0, xc, dz)  # the last chunk (xc in buf_xc) serves sweep 2 too: all of it for a small input
+        _rows(sdzxc, n0, n1).add_(torch.mul(dz, xc, out=out(1, n0, n1)).sum(sum_axes, keepdim=True))
+    kept = (n0, xc, dz)  # the last chunk (xc in buffer 0) serves sweep 2 too: all of it for a small input
     if batch_stats and not delta_first:
         delta /= p.m
     sdzxc -= delta * sdz
@@ -263,7 +267,7 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     dx = torch.empty_like(x, memory_format=output_format(x, p))
     dx4 = view4(dx, p)
     for n0, n1 in chunks:
-        xc, dz = kept[1:] if kept[0] == n0 else chunk(n0, n1, delta, buf_tmp)
+        xc, dz = kept[1:] if kept[0] == n0 else chunk(n0, n1, delta, 1)
         da = torch.addcmul(_rows(coef_1, n0, n1), _rows(coef_x, n0, n1), xc, out=xc)  # xc's last use: in place
         da.addcmul_(_rows(coef_dz, n0, n1), dz)                          # (rows, G, K, R)
         if f is not None and placement == "after":
