@@ -217,13 +217,16 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     chunks = _chunks(p)
     out = _scratch(x4, chunks, cdt)
 
+    def centered(n0, n1, i):
+        """a - mean for rows n0:n1, into buffer ``i``: (rows, G, K, R)."""
+        return torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(mean4, n0, n1), out=out(i, n0, n1))
+
     def chunk(n0, n1, delta, i):
         """x - mean (into buffer ``i``) and dz = ∂l/∂z for rows n0:n1 (recomputed in each sweep rather than stored)."""
-        mean_r, rstd_r = _rows(mean4, n0, n1), _rows(rstd4, n0, n1)
-        xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), mean_r, out=out(i, n0, n1))  # (rows, G, K, R)
+        xc = centered(n0, n1, i)
         dz = dy4[n0:n1].to(cdt)
         if f is not None and placement == "before":
-            scale = rstd_r * wk
+            scale = _rows(rstd4, n0, n1) * wk
             delta_r = _rows(delta, n0, n1)
             shift = -delta_r * scale if b4 is None else b4 - delta_r * scale
             dz = dz * f.grad(torch.addcmul(shift, xc, scale))            # f'(z), z recomputed
@@ -239,8 +242,7 @@ def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="befor
     delta_first = batch_stats and f is not None and placement == "before"
     if delta_first:
         for n0, n1 in chunks:
-            xc = torch.sub(_act_in(x4[n0:n1].to(cdt), f, placement), _rows(mean4, n0, n1), out=out(1, n0, n1))
-            _rows(delta, n0, n1).add_(xc.sum(p.stat_axes, keepdim=True))
+            _rows(delta, n0, n1).add_(centered(n0, n1, 1).sum(p.stat_axes, keepdim=True))
         delta /= p.m
     for n0, n1 in chunks:
         xc, dz = chunk(n0, n1, delta, 0)
