@@ -228,6 +228,19 @@ def _stats_merge_kernel(
 
 
 @triton.jit
+def _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """This program's tile of an element-wise kernel (grid ``(N * nrb, cdiv(C, BLOCK_C))``): its channels ``c``
+    and their mask, their statistic ``s``, the element offsets ``offs`` and the element mask."""
+    n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    r = tl.arange(0, BLOCK_R)
+    offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
+    return c, c_mask, _stat_index(n, c, G, K, PER_SAMPLE), offs, c_mask[:, None] & (r < valid)[None, :]
+
+
+@triton.jit
 def _apply_kernel(
     x_ptr,  # input, addressed as in _stats_partial_kernel
     y_ptr,  # out, same strides as x
@@ -247,21 +260,11 @@ def _apply_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    r = tl.arange(0, BLOCK_R)
-    mask = c_mask[:, None] & (r < valid)[None, :]
-    s = _stat_index(n, c, G, K, PER_SAMPLE)
+    c, c_mask, s, offs, mask = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE, BLOCK_C, BLOCK_R)
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = 1.0 / tl.sqrt(tl.load(var_ptr + s, mask=c_mask, other=1.0) + eps)
-    scale = rstd
-    if HAS_W:
-        scale = rstd * tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        b = tl.load(b_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
-    offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
+    w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
+    scale = rstd * w
     a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if AFTER:
         a = _act(a, ACT)
@@ -411,16 +414,10 @@ def _dx_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    r = tl.arange(0, BLOCK_R)
-    mask = c_mask[:, None] & (r < valid)[None, :]
-    s = _stat_index(n, c, G, K, PER_SAMPLE)
+    c, c_mask, s, offs, mask = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE, BLOCK_C, BLOCK_R)
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
     w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
-    offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = x
