@@ -66,3 +66,20 @@ def channels_last(x):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The CPU backends every functional test runs on: the torch path, the numba loops, and the numba loops cut into
+# many tasks (a task of 64 values), so that small shapes also cross task boundaries and merges.
+CPU_BACKENDS = ["torch", "numba", "numba-tasks"]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request, monkeypatch):
+    """Select one CPU backend through NORMLAB_BACKEND (and shrink numba's tasks for "numba-tasks")."""
+    name = request.param
+    monkeypatch.setenv("NORMLAB_BACKEND", name.split("-")[0])
+    if name == "numba-tasks":
+        from normlab import numba_ops
+
+        monkeypatch.setattr(numba_ops, "TASK_VALUES", 64)
+    return name

@@ -8,16 +8,14 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as F
-from normlab import backend, reference, torch_ops
+from normlab import backend, numba_ops, reference, spec, torch_ops
 from normlab.spec import plan
 from tests.conftest import ACT_PLACEMENTS, SHAPES, assert_close, channels_last
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("chunk", [1 << 18, 5])
-def test_batch_norm_matches_torch_functional(shape, training, chunk, monkeypatch):
-    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
+def test_batch_norm_matches_torch_functional(shape, training, cpu_backend):
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
     c = shape[1]
     w, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
@@ -38,15 +36,30 @@ def test_batch_norm_matches_torch_functional(shape, training, chunk, monkeypatch
      ("layer", (3, 2, 5), {"normalized_ndim": 2})],
 )
 @pytest.mark.parametrize("activation, placement", ACT_PLACEMENTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_matches_reference(kind, shape, kw, activation, placement, dtype, cpu_backend):
+    """Output and all three gradients against the float64 reference, in each dtype, on each CPU backend (half
+    precision takes the torch path under every choice but "numba", which refuses it)."""
+    if cpu_backend != "torch" and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("the numba loops take float32 and float64 only")
+    _check_reference(kind, shape, kw, activation, placement, dtype)
+
+
+# Shapes longer than one numba tile (TILE = 1024 values): runs split into tiles, tiles of several rows of channels,
+# and per-channel sums folded across many tiles.
 @pytest.mark.parametrize(
-    "dtype, chunk",
-    [(torch.float64, 1 << 18), (torch.float32, 1 << 18), (torch.bfloat16, 1 << 18), (torch.float16, 1 << 18),
-     (torch.float64, 7), (torch.float32, 16)],
+    "kind, shape, kw",
+    [("batch", (3, 2, 1500), {}), ("batch", (2100, 3), {}), ("batch", (3, 700, 2), {}), ("layer", (3, 2100), {}),
+     ("group", (2, 4, 900), {"groups": 2}), ("instance", (2, 3, 1100), {})],
 )
-def test_matches_reference(kind, shape, kw, activation, placement, dtype, chunk, monkeypatch):
-    """Output and all three gradients against the float64 reference, in each dtype; a small ``chunk`` makes the
-    torch path process a few rows at a time, as it does on large inputs."""
-    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
+@pytest.mark.parametrize("activation, placement", [(None, "before"), ("silu", "before"), ("tanh", "after")])
+def test_long_rows_match_reference(kind, shape, kw, activation, placement, cpu_backend):
+    if kind == "layer":
+        kw = {"normalized_ndim": 1}
+    _check_reference(kind, shape, kw, activation, placement, torch.float32)
+
+
+def _check_reference(kind, shape, kw, activation, placement, dtype):
     p = plan(kind, shape, **kw)
     rng = np.random.default_rng(0)
     x64 = rng.normal(size=shape) * 2 + 0.5
@@ -59,11 +72,12 @@ def test_matches_reference(kind, shape, kw, activation, placement, dtype, chunk,
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
+    k = p.normalized_ndim
     fn = {
         "batch": lambda: F.batch_norm(x, None, None, w, b, True, activation=activation, placement=placement),
         "instance": lambda: F.instance_norm(x, weight=w, bias=b, activation=activation, placement=placement),
         "group": lambda: F.group_norm(x, kw.get("groups", 1), w, b, activation=activation, placement=placement),
-        "layer": lambda: F.layer_norm(x, shape[1:], w.view(shape[1:]), b.view(shape[1:]), activation=activation,
+        "layer": lambda: F.layer_norm(x, shape[-k:], w.view(shape[-k:]), b.view(shape[-k:]), activation=activation,
                                       placement=placement),
     }[kind]
     y = fn()
@@ -75,31 +89,44 @@ def test_matches_reference(kind, shape, kw, activation, placement, dtype, chunk,
     assert_close(db, torch.tensor(db_ref), dtype, scale=8, what="db")
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 40])
-def test_large_mean_small_spread_float32(chunk, monkeypatch):
-    """Mean 1e4 and std 1e-2 in float32: E[x^2] - E[x]^2 loses every digit; shifted, centered sums keep them."""
-    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
-    x = (torch.randn(64, 4, 9, dtype=torch.float64) * 1e-2 + 1e4).float()
-    naive_var = (x * x).mean((0, 2)) - x.mean((0, 2)) ** 2
-    true_var = x.double().var(dim=(0, 2), unbiased=False)
+@pytest.mark.parametrize("shape", [(64, 4, 9), (64, 4)])  # both numba families: blocks, and rows of channels
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_large_mean_small_spread_float32(shape, activation, cpu_backend):
+    """Mean 1e4 and std 1e-2 in float32: E[x^2] - E[x]^2 loses every digit; shifted, centered sums keep them. With
+    ReLU before the norm, f'(z) sees the rounding of the saved float32 mean unless the backward re-centres first."""
+    axes = (0, 2) if len(shape) == 3 else (0,)
+    x = (torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e4).float()
+    naive_var = (x * x).mean(axes) - x.mean(axes) ** 2
+    true_var = x.double().var(dim=axes, unbiased=False)
     assert not torch.allclose(naive_var.double(), true_var, rtol=0.5)  # the trap is real at this scale
-    y_ref, cache = reference.batch_norm_forward(x.double().numpy(), None, None)
+    y_ref, cache = reference.batch_norm_forward(x.double().numpy(), None, None, activation=activation)
     rm, rv = torch.zeros(4), torch.ones(4)
     xr = x.clone().requires_grad_()
-    y = F.batch_norm(xr, rm, rv, training=True, momentum=1.0)
+    y = F.batch_norm(xr, rm, rv, training=True, momentum=1.0, activation=activation)
     torch.testing.assert_close(y.double(), torch.tensor(y_ref), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rv.double(), x.double().var(dim=(0, 2)), rtol=1e-4, atol=0)
+    torch.testing.assert_close(rv.double(), x.double().var(dim=axes), rtol=1e-4, atol=0)
     dy = torch.randn_like(x)
     dx = torch.autograd.grad(y, xr, dy)[0]
     dx_ref = torch.tensor(reference.backward(dy.double().numpy(), cache)[0])
     torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=0)
 
 
+def test_outlier_first_value_float32(cpu_backend):
+    """A statistic whose first value is a 1e4-sigma outlier: sums shifted by that one value would lose the spread's
+    digits in float32; the statistics and the output still match the float64 reference."""
+    x = torch.randn(8, 3, 300, dtype=torch.float64)
+    x[0, :, 0] = 1e4
+    x = x.float()
+    y_ref, cache = reference.batch_norm_forward(x.double().numpy(), None, None)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = F.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    torch.testing.assert_close(y.double(), torch.tensor(y_ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rv.double(), x.double().var(dim=(0, 2)), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 2, 2, 3, 4)])
 @pytest.mark.parametrize("kind", ["batch", "instance", "group"])
-@pytest.mark.parametrize("chunk", [1 << 18, 10])
-def test_channels_last_kept_and_correct(shape, kind, chunk, monkeypatch):
-    monkeypatch.setattr(torch_ops, "CHUNK_VALUES", chunk)
+def test_channels_last_kept_and_correct(shape, kind, cpu_backend):
     x = torch.randn(shape, dtype=torch.float64)
     xc = channels_last(x)
     run = {
@@ -162,15 +189,48 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("NORMLAB_BACKEND", "torch")
     assert backend.select(x, p) is torch_ops
     monkeypatch.setenv("NORMLAB_BACKEND", "auto")
-    assert backend.select(x, p) is torch_ops  # CPU tensors take the torch path under auto
+    assert backend.select(x, p) is numba_ops  # float32/float64 CPU tensors take the numba loops under auto
+    assert backend.select(x.bfloat16(), p) is torch_ops  # half precision: the torch path
+    assert backend.select(x[:0], p) is torch_ops  # an empty batch: the torch path
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    with pytest.raises(RuntimeError, match="NORMLAB_BACKEND=numba, but it does not support.*bfloat16"):
+        backend.select(x.bfloat16(), p)
     monkeypatch.setenv("NORMLAB_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="NORMLAB_BACKEND must be one of"):
         backend.select(x, p)
 
 
-def test_float64_statistics_for_float64_input():
+@pytest.mark.parametrize("impl", [torch_ops, numba_ops])
+def test_statistics_dtype(impl):
+    """float64 statistics for float64 input, float32 otherwise; rstd of the statistics' shape."""
     x = torch.randn(5, 3, dtype=torch.float64)
-    _, mean, var = torch_ops.forward(x, None, None, plan("batch", x.shape), 1e-5)
-    assert mean.dtype == var.dtype == torch.float64
-    _, mean, var = torch_ops.forward(x.bfloat16(), None, None, plan("batch", x.shape), 1e-5)
-    assert mean.dtype == var.dtype == torch.float32
+    call = spec.call("batch", x.shape, 1e-5)
+    _, mean, rstd, var = impl.forward(x, None, None, call)
+    assert mean.dtype == rstd.dtype == var.dtype == torch.float64
+    assert mean.shape == rstd.shape == var.shape == (1, 3)
+    _, mean, rstd, var = impl.forward(x.float(), None, None, call)
+    assert mean.dtype == rstd.dtype == var.dtype == torch.float32
+    if impl is torch_ops:
+        _, mean, _, _ = impl.forward(x.bfloat16(), None, None, call)
+        assert mean.dtype == torch.float32
+
+
+def test_numba_results_do_not_depend_on_the_thread_count():
+    """The work split and every merge order depend on the shape only: 1 and 2 threads give the same bits."""
+    x = torch.randn(16, 8, 40, 40)
+    dy = torch.randn_like(x)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for inp in (x, channels_last(x)):
+                call = spec.call("batch", inp.shape, 1e-5, "silu")
+                y, mean, rstd, _ = numba_ops.forward(inp, w, b, call)
+                results.append((y, *numba_ops.backward(dy, inp, w, b, mean, rstd, call)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(results[:2], results[2:]):
+        for a, b_ in zip(one, two):
+            assert torch.equal(a, b_)

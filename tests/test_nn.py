@@ -251,7 +251,7 @@ def test_zero_size_batch_matches_torch(momentum):
         (lambda: nl.BatchNorm2d(3), torch.randn(2, 3, 4), ValueError, "expected 4D input"),
         (lambda: nl.BatchNorm2d(3), torch.randn(2, 5, 4, 4), ValueError, r"expects 3 channels.*\(2, 5, 4, 4\)"),
         (lambda: nl.BatchNorm1d(3), torch.ones(2, 3, dtype=torch.long), TypeError, "floating-point input.*int64"),
-        (lambda: nl.BatchNorm1d(3, eps=0.0), torch.randn(2, 3), ValueError, "eps must be > 0"),
+        (lambda: nl.BatchNorm1d(3, eps=0.0), torch.randn(2, 3), ValueError, "BatchNorm1d: eps must be > 0"),
         (lambda: nl.GroupNorm(2, 4), torch.randn(2, 3, 5), ValueError, r"GroupNorm\(2, 4\) expects input"),
         (lambda: nl.LayerNorm(5), torch.randn(2, 4), ValueError, "must end in normalized_shape"),
         (lambda: nl.BatchNorm1d(3, activation="swish"), None, ValueError, "activation must be"),
@@ -261,6 +261,51 @@ def test_zero_size_batch_matches_torch(momentum):
 def test_bad_input(make, x, err, match):
     with pytest.raises(err, match=match):
         make()(x)
+
+
+LAYERS = [("BatchNorm1d", (3,)), ("BatchNorm2d", (3,)), ("BatchNorm3d", (3,)), ("InstanceNorm1d", (3,)),
+          ("InstanceNorm2d", (3,)), ("InstanceNorm3d", (3,)), ("GroupNorm", (1, 3)), ("LayerNorm", (3,))]
+
+
+@pytest.mark.parametrize("name, args", LAYERS)
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"placement": "after"}, r"placement='after' \(the norm after an activation\) needs an activation"),
+        ({"eps": 0.0}, r"eps must be > 0, got 0.0"),
+        ({"eps": float("nan")}, r"eps must be > 0, got nan"),
+        ({"activation": "relu", "negative_slope": 0.2}, r"negative_slope applies to activation='leaky_relu' only"),
+    ],
+)
+def test_constructor_checks_name_the_layer(name, args, kw, match):
+    """Bad settings fail when the layer is built (not at its first forward), and the message names the layer."""
+    with pytest.raises(ValueError, match=f"^{name}: {match}"):
+        getattr(nl, name)(*args, **kw)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "InstanceNorm1d"])
+@pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan"), "0.1"])
+def test_momentum_outside_unit_interval_raises(name, momentum):
+    """torch.nn accepts any momentum; a running average needs one in [0, 1] (None: cumulative, for batch norm)."""
+    getattr(torch.nn, name)(3, momentum=momentum)  # torch does not object
+    with pytest.raises(ValueError, match=rf"^{name}: momentum must be None or a number in \[0, 1\]"):
+        getattr(nl, name)(3, momentum=momentum)
+    getattr(nl, name)(3, momentum=0.0)
+    getattr(nl, name)(3, momentum=1)
+
+
+@pytest.mark.parametrize("name, args", [("BatchNorm2d", (3,)), ("GroupNorm", (3, 3)), ("LayerNorm", ((3, 4, 5),))])
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_leaky_relu_slope(name, args, placement):
+    """negative_slope reaches every tier: the fused layer equals torch's norm composed with LeakyReLU(0.2)."""
+    fused = getattr(nl, name)(*args, activation="leaky_relu", placement=placement, negative_slope=0.2,
+                              dtype=torch.float64)
+    plain = getattr(torch.nn, name)(*args, dtype=torch.float64)
+    plain.load_state_dict(fused.state_dict())
+    act = torch.nn.LeakyReLU(0.2)
+    composed = torch.nn.Sequential(plain, act) if placement == "before" else torch.nn.Sequential(act, plain)
+    _step(fused, composed, torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.float64, f"leaky 0.2 {placement}")
+    assert "negative_slope=0.2" in repr(fused)
 
 
 def test_groups_must_divide_channels():

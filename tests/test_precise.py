@@ -83,3 +83,31 @@ def test_precise_then_batch_size_one_eval():
     z = net[0](single)
     want = (z - h.mean(0)) / torch.sqrt(h.var(0) + 1e-5) * net[1].weight + net[1].bias
     torch.testing.assert_close(net[1](z), want)
+
+
+def test_batches_of_every_kind():
+    """Tensors, tuples/lists (first item), dicts (``key=``) and anything through ``input_fn=`` give the same
+    statistics; a dict without a key, or a batch of another kind, is refused with a message saying what to pass."""
+    xs = [torch.randn(6, 4) * 2 + 1 for _ in range(3)]
+    expected = None
+    for batches, kw in [
+        (xs, {}),
+        ([(x, torch.zeros(6)) for x in xs], {}),
+        ([[x] for x in xs], {}),
+        ([{"image": x, "label": torch.zeros(6)} for x in xs], {"key": "image"}),
+        ([{"pixels": {"x": x}} for x in xs], {"input_fn": lambda batch: batch["pixels"]["x"]}),
+    ]:
+        bn = nl.BatchNorm1d(4)
+        normlab.precise_bn(bn, batches, **kw)
+        if expected is None:
+            expected = bn.running_mean.clone(), bn.running_var.clone()
+        torch.testing.assert_close(bn.running_mean, expected[0])
+        torch.testing.assert_close(bn.running_var, expected[1])
+    torch.testing.assert_close(expected[0], torch.cat(xs).mean(0))
+    bn = nl.BatchNorm1d(4)
+    before = bn.running_mean.clone()
+    with pytest.raises(TypeError, match=r"batch 0 is a dict \(keys \['image'\]\); say which item is the input"):
+        normlab.precise_bn(bn, [{"image": xs[0]}])
+    with pytest.raises(TypeError, match="batch 0 is a str; expected a tensor, a tuple/list"):
+        normlab.precise_bn(bn, ["not a batch"])
+    assert torch.equal(bn.running_mean, before)

@@ -43,6 +43,19 @@ def test_plan_rejects(kind, shape, kw, match):
 
 
 def test_every_tier_implements_the_same_activations():
-    from normlab import activations, reference, spec
+    from normlab import activations, numba_ops, reference, spec
 
-    assert set(reference.ACTIVATIONS) == set(activations.ACTIVATIONS) == set(spec.ACTIVATIONS)
+    assert set(reference.ACTIVATIONS) == set(spec.ACTIVATIONS) == set(numba_ops.CODES) - {None}
+    assert all(activations.get(name) is not None for name in spec.ACTIVATIONS)
+
+
+def test_call_is_built_once_per_shape():
+    from normlab import spec
+
+    a = spec.call("batch", (4, 3), 1e-5, "relu")
+    assert spec.call("batch", (4, 3), 1e-5, "relu") is a  # cached
+    assert a.plan == plan("batch", (4, 3)) and a.use_input_stats and a.negative_slope == 0.01
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        spec.call("batch", (4, 3), 0.0)
+    with pytest.raises(ValueError, match="placement='after'"):
+        spec.call("batch", (4, 3), 1e-5, None, "after")

@@ -1,15 +1,15 @@
-"""Which implementation runs a norm: the one place that chooses between the torch path and the Triton kernels.
+"""Which implementation runs a norm: the one place that chooses between the backends.
 
 ``NORMLAB_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
-- ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case,
-  the torch path otherwise;
+- ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case;
+  the numba loops for float32/float64 CPU tensors when numba imports; the torch path otherwise;
 - ``torch``: always the torch path (:mod:`normlab.torch_ops`);
-- ``triton``: always the kernels, on any device (CPU tensors run under ``TRITON_INTERPRET=1``); a case the
-  kernels do not support raises instead of silently falling back.
+- ``numba``: always the numba loops (:mod:`normlab.numba_ops`);
+- ``triton``: always the kernels, on any device (CPU tensors run under ``TRITON_INTERPRET=1``).
 
-Both backends expose ``forward(x, w, b, p, eps, activation, placement, stats) -> (y, mean, var)`` and
-``backward(dy, x, w, b, mean, rstd, p, activation, placement, batch_stats) -> (dx, dw, db)``.
+A forced choice that cannot handle the case raises instead of silently falling back. Every backend module has
+``forward``, ``backward``, ``update_running_stats`` and ``supports`` with the contract in :mod:`normlab.torch_ops`.
 """
 
 from __future__ import annotations
@@ -24,40 +24,48 @@ import torch
 from normlab import torch_ops
 from normlab.spec import Plan
 
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "numba", "triton")
+_MODULES = {"numba": ("normlab.numba_ops", "numba"), "triton": ("normlab.kernels", "triton")}
 
 
 @functools.cache
-def _kernels() -> ModuleType | None:
+def _load(name: str) -> ModuleType | None:
     try:
-        return importlib.import_module("normlab.kernels")
+        return importlib.import_module(_MODULES[name][0])
     except ImportError:
         return None
 
 
-def choice() -> str:
-    """The backend asked for by ``NORMLAB_BACKEND``."""
-    value = os.environ.get("NORMLAB_BACKEND", "auto").strip().lower() or "auto"
+@functools.cache
+def _parse(value: str) -> str:
+    value = value.strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"NORMLAB_BACKEND must be one of {CHOICES}, got {value!r}")
     return value
 
 
+def choice() -> str:
+    """The backend asked for by ``NORMLAB_BACKEND``."""
+    return _parse(os.environ.get("NORMLAB_BACKEND", "auto"))
+
+
 def select(x: torch.Tensor, p: Plan) -> ModuleType:
     """The backend module that will normalize ``x`` under plan ``p``."""
     want = choice()
-    if want == "torch" or (want == "auto" and not x.is_cuda):  # auto: no Triton import for CPU tensors
+    if want == "torch":
         return torch_ops
-    kernels = _kernels()
-    if want == "triton":
-        if kernels is None:
-            raise RuntimeError(
-                "NORMLAB_BACKEND=triton, but normlab.kernels could not be imported (is triton installed?)"
-            )
-        if not kernels.supports(x, p):
-            raise RuntimeError(
-                f"NORMLAB_BACKEND=triton, but the kernels do not support {p.kind} norm of a {x.dtype} tensor "
-                f"of shape {tuple(x.shape)} on {x.device}"
-            )
-        return kernels
-    return kernels if kernels is not None and kernels.supports(x, p) else torch_ops
+    if want == "auto":
+        # no Triton import for CPU tensors, no numba import for CUDA ones
+        impl = _load("triton" if x.is_cuda else "numba")
+        return impl if impl is not None and impl.supports(x, p) else torch_ops
+    impl = _load(want)
+    if impl is None:
+        package = _MODULES[want][1]
+        raise RuntimeError(f"NORMLAB_BACKEND={want}, but {_MODULES[want][0]} could not be imported "
+                           f"(is {package} installed?)")
+    if not impl.supports(x, p):
+        raise RuntimeError(
+            f"NORMLAB_BACKEND={want}, but it does not support {p.kind} norm of a {x.dtype} tensor "
+            f"of shape {tuple(x.shape)} on {x.device}"
+        )
+    return impl

@@ -1,36 +1,96 @@
 """The functional norms: torch.nn.functional's signatures, a hand-derived backward, an optional fused activation.
 
-Each public function builds a :class:`~normlab.spec.Plan` (the only place the kinds differ), validates its
-arguments, and runs one custom op, ``torch.ops.normlab.norm_forward`` (registered with :mod:`torch.library`, so
-``torch.compile(fullgraph=True)`` sees a single op), whose autograd formula is ``torch.ops.normlab.norm_backward``:
-the backward derived in :mod:`normlab.reference`, with no autograd through the math. The forward saves
-``(x, mean, rstd)`` and the backward recomputes ``xhat``. Which implementation runs inside the ops (torch or Triton)
-is decided in :mod:`normlab.backend`.
+Each public function checks its arguments, takes the :class:`~normlab.spec.Call` of the input's shape (built
+once per shape, then cached) and runs it through one backend (:mod:`normlab.backend`: the numba loops, the torch
+path or the Triton kernels), in one of three ways:
 
-Double backward (``create_graph=True``) falls back to autograd through the torch path's forward (so it also
-differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
+- nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
+  directly; nothing is saved;
+- eager autograd: :class:`_NormFunction`, whose backward is the backend's hand-derived backward; the forward saves
+  ``(x, mean, rstd)`` and the backward recomputes ``xhat``. In both, the backend's forward also folds the batch's
+  statistics into the running buffers (one compiled call on the CPU);
+- under ``torch.compile``: two ``torch.library`` custom ops (``normlab::norm_forward`` and its autograd formula
+  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction.
+
+Double backward (``create_graph=True``) falls back to autograd through the torch path's textbook forward (so it
+also differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
-from normlab import backend, torch_ops
-from normlab.spec import Plan, check_activation, plan
-
-# The norm is two functions, forward and hand-derived backward. Under torch.compile they are two custom ops, so the
-# compiler sees one opaque op per direction (no graph break, no tracing into the backend choice or the Triton
-# launch); in eager mode the same functions run through a plain autograd.Function, which costs a fraction of the
-# custom-op dispatch on small inputs. A plan travels as (kind, groups, normalized_ndim): 0 = not used by the kind.
+from normlab import backend, spec, torch_ops
+from normlab.spec import LEAKY_SLOPE, Call, Running
 
 
-def _plan_of(x: torch.Tensor, kind: str, groups: int, normalized_ndim: int) -> Plan:
-    return plan(kind, x.shape, groups=groups or None, normalized_ndim=normalized_ndim or None)
+class _NormFunction(torch.autograd.Function):
+    """Eager autograd around one backend: ``forward(x, w, b, call, stats, running, impl)`` gives ``y``; the running
+    buffers (or None) take the batch's statistics."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, call: Call, stats, running, impl: ModuleType):
+        y, mean, rstd, _ = impl.forward(x, w, b, call, stats, running)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.call, ctx.impl = call, impl
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, mean, rstd = ctx.saved_tensors
+        return _grads(ctx.impl, ctx.call, ctx.needs_input_grad, dy, x, w, b, mean, rstd) + (None,) * 4
 
 
-def _norm_forward(
+def _grads(impl, call: Call, need, dy, x, w, b, mean, rstd):
+    """``(dx, dw, db)`` for the inputs that ``need`` them; dw and db in w's and b's shapes."""
+    if torch.is_grad_enabled():  # create_graph=True: autograd through the textbook forward
+        return _autograd_backward(call, need, dy, x, w, b, mean, rstd)
+    dx, dw, db = impl.backward(dy, x, w, b, mean, rstd, call, need[0])
+    dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
+    db = db.reshape(b.shape) if need[2] else None
+    return dx, dw, db
+
+
+def _autograd_backward(call: Call, need, dy, x, w, b, mean, rstd):
+    # Given statistics are constants: detached, or autograd would walk back into this very op.
+    stats = None if call.use_input_stats else (mean.detach(), rstd.detach().pow(-2) - call.eps)
+    y = torch_ops.forward_autograd(x, w, b, call, stats)
+    inputs = (x, w, b)
+    wrt = [t for t, n in zip(inputs, need) if n and t is not None]
+    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if (n and t is not None) else None for t, n in zip(inputs, need))
+
+
+# ---- the same functions as custom ops, for torch.compile ---------------------------------------------------------
+# A Call travels as primitives (the shape comes with x): kind, groups (0: not group norm), normalized_ndim (0: not
+# layer norm), eps, activation, placement, negative_slope, and use_input_stats (given stats or not).
+
+
+def _op_args(call: Call) -> tuple:
+    p = call.plan
+    return (p.kind, p.G if p.kind == "group" else 0, p.normalized_ndim, call.eps, call.activation, call.placement,
+            call.negative_slope)
+
+
+def _op_call(x, kind, groups, normalized_ndim, eps, activation, placement, negative_slope, use_input_stats) -> Call:
+    return spec.call(kind, tuple(x.shape), eps, activation, placement, negative_slope, use_input_stats,
+                     groups or None, normalized_ndim or None)
+
+
+def _call(*args, **kwargs) -> Call:
+    """:func:`normlab.spec.call`; under torch.compile its uncached builder, which dynamo traces (not the cache)."""
+    return (spec.make_call if torch.compiler.is_compiling() else spec.call)(*args, **kwargs)
+
+
+def _op_plan(x, kind, groups, normalized_ndim) -> spec.Plan:
+    return spec.plan(kind, x.shape, groups=groups or None, normalized_ndim=normalized_ndim or None)
+
+
+@torch.library.custom_op("normlab::norm_forward", mutates_args=())
+def _norm_forward_op(
     x: torch.Tensor,
     w: torch.Tensor | None,
     b: torch.Tensor | None,
@@ -42,27 +102,29 @@ def _norm_forward(
     eps: float,
     activation: str | None,
     placement: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, mean, var)``: the norm of x, with its own statistics or the given ``(stat_mean, stat_var)``."""
-    p = _plan_of(x, kind, groups, normalized_ndim)
-    stats = None if stat_mean is None else (stat_mean, stat_var)
-    y, mean, var = backend.select(x, p).forward(x, w, b, p, eps, activation, placement, stats)
-    if stats is not None:  # an op's outputs may not alias its inputs
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd, var)``: the norm of x, with its own statistics or the given ``(stat_mean, stat_var)``."""
+    given = stat_mean is not None
+    call = _op_call(x, kind, groups, normalized_ndim, eps, activation, placement, negative_slope, not given)
+    stats = (stat_mean, stat_var) if given else None
+    y, mean, rstd, var = backend.select(x, call.plan).forward(x, w, b, call, stats)
+    if given:  # an op's outputs may not alias its inputs
         mean, var = mean.clone(), var.clone()
-    return y, mean, var
-
-
-_norm_forward_op = torch.library.custom_op("normlab::norm_forward", _norm_forward, mutates_args=())
+    return y, mean, rstd, var
 
 
 @_norm_forward_op.register_fake
-def _(x, w, b, stat_mean, stat_var, kind, groups, normalized_ndim, eps, activation, placement):
-    p = _plan_of(x, kind, groups, normalized_ndim)
+def _(x, w, b, stat_mean, stat_var, kind, groups, normalized_ndim, eps, activation, placement, negative_slope):
+    p = _op_plan(x, kind, groups, normalized_ndim)
     stat = x.new_empty(p.stat_shape, dtype=torch_ops.compute_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch_ops.output_format(x, p)), stat, torch.empty_like(stat)
+    mean = stat if stat_mean is None else torch.empty_like(stat_mean)
+    var = torch.empty_like(stat) if stat_var is None else torch.empty_like(stat_var)
+    return torch.empty_like(x, memory_format=torch_ops.output_format(x, p)), mean, torch.empty_like(stat), var
 
 
-def _norm_backward(
+@torch.library.custom_op("normlab::norm_backward", mutates_args=())
+def _norm_backward_op(
     dy: torch.Tensor,
     x: torch.Tensor,
     w: torch.Tensor | None,
@@ -72,149 +134,95 @@ def _norm_backward(
     kind: str,
     groups: int,
     normalized_ndim: int,
+    eps: float,
     activation: str | None,
     placement: str,
-    batch_stats: bool,
+    negative_slope: float,
+    use_input_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dw, db)``, the hand-derived gradients; dw/db are empty when w/b are None."""
-    p = _plan_of(x, kind, groups, normalized_ndim)
-    dx, dw, db = backend.select(x, p).backward(dy, x, w, b, mean, rstd, p, activation, placement, batch_stats)
+    call = _op_call(x, kind, groups, normalized_ndim, eps, activation, placement, negative_slope, use_input_stats)
+    dx, dw, db = backend.select(x, call.plan).backward(dy, x, w, b, mean, rstd, call)
     return dx, (x.new_empty(0) if dw is None else dw), (x.new_empty(0) if db is None else db)
 
 
-_norm_backward_op = torch.library.custom_op("normlab::norm_backward", _norm_backward, mutates_args=())
-
-
 @_norm_backward_op.register_fake
-def _(dy, x, w, b, mean, rstd, kind, groups, normalized_ndim, activation, placement, batch_stats):
-    p = _plan_of(x, kind, groups, normalized_ndim)
+def _(dy, x, w, b, mean, rstd, kind, groups, normalized_ndim, eps, activation, placement, negative_slope,
+      use_input_stats):
+    p = _op_plan(x, kind, groups, normalized_ndim)
     dx = torch.empty_like(x, memory_format=torch_ops.output_format(x, p))
     dw = x.new_empty(0) if w is None else w.new_empty(p.affine_size)
     db = x.new_empty(0) if b is None else b.new_empty(p.affine_size)
     return dx, dw, db
 
 
-def _setup_context(ctx, inputs, output):
-    x, w, b, stat_mean, _, kind, groups, normalized_ndim, eps, activation, placement = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, w, b, mean, (var + eps).rsqrt())
-    ctx.args = (kind, groups, normalized_ndim, activation, placement, stat_mean is None)
-    ctx.eps = eps
+def _op_setup_context(ctx, inputs, output):
+    x, w, b, stat_mean, _, *args = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(x, w, b, mean, rstd)
+    ctx.args = (*args, stat_mean is None)
 
 
-def _backward(ctx, dy, _dmean, _dvar):
+def _op_backward(ctx, dy, _dmean, _drstd, _dvar):
     x, w, b, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
-        # create_graph=True: differentiate the torch forward's own ops, so that the graph also carries how
-        # mean and rstd depend on x (the hand-derived backward treats them as saved constants).
-        dx, dw, db = _autograd_backward(ctx, dy, x, w, b, mean, rstd)
+        dx, dw, db = _autograd_backward(_op_call(x, *ctx.args), need, dy, x, w, b, mean, rstd)
     else:
-        run = _norm_backward_op if torch.compiler.is_compiling() else _norm_backward
-        dx, dw, db = run(dy, x, w, b, mean, rstd, *ctx.args)
-    dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
-    db = db.reshape(b.shape) if need[2] else None
-    return (dx if need[0] else None, dw, db) + (None,) * 8
+        dx, dw, db = _norm_backward_op(dy, x, w, b, mean, rstd, *ctx.args)
+        dw = dw.reshape(w.shape) if need[1] else None
+        db = db.reshape(b.shape) if need[2] else None
+    return (dx if need[0] else None, dw, db) + (None,) * 9
 
 
-_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_norm_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-class _NormFunction(torch.autograd.Function):
-    """The eager-mode twin of ``normlab::norm_forward``: the same forward, context and backward functions.
+# ---- one norm call ------------------------------------------------------------------------------------------------
 
-    (The ``forward(ctx, ...)`` form: with a separate ``setup_context``, every call binds a signature with inspect.)
-    """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _norm_forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
-def _autograd_backward(ctx, dy, x, w, b, mean, rstd):
-    kind, groups, normalized_ndim, activation, placement, batch_stats = ctx.args
-    p = _plan_of(x, kind, groups, normalized_ndim)
-    # Given statistics are constants: detached, or autograd would walk back into this very op.
-    stats = None if batch_stats else (mean.detach(), rstd.detach().pow(-2) - ctx.eps)
-    y = torch_ops.forward_autograd(x, w, b, p, ctx.eps, activation, placement, stats)
-    inputs = (x, w, b)
-    wrt = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
-    grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if (need and t is not None) else None for t, need in zip(inputs, ctx.needs_input_grad))
+def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> torch.Tensor:
+    """One norm call: with the input's own statistics (folded into ``running`` when given), or with given ``stats =
+    (mean, var)``."""
+    if torch.compiler.is_compiling():
+        y, mean, _, var = _norm_forward_op(x, w, b, *(stats or (None, None)), *_op_args(call))
+        if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
+            torch_ops.update_running_stats(running, mean, var, call.plan.m)
+        return y
+    impl = backend.select(x, call.plan)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+    ):
+        return _NormFunction.apply(x, w, b, call, stats, running, impl)
+    return impl.forward(x, w, b, call, stats, running)[0]
 
 
-def _check_input(input, eps: float, activation, placement) -> None:
+# ---- argument checks ------------------------------------------------------------------------------------------------
+
+def _check_tensor(input) -> None:
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
         raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
-    if not eps > 0:  # also rejects NaN
-        raise ValueError(f"eps must be > 0, got {eps}")
-    check_activation(activation, placement)
+
+
+def check_momentum(momentum: float | None, who: str = "momentum") -> None:
+    """``momentum`` must be None (cumulative average) or a number in [0, 1]."""
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+        raise ValueError(f"{who} must be None or a number in [0, 1], got {momentum!r}")
 
 
 def _check_shapes(shape: tuple[int, ...], what: str, **tensors) -> None:
     """Each given tensor must have ``shape``; the error names the argument, the expected and the actual shape."""
     for name, t in tensors.items():
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(f"{name} must have shape {shape} ({what}), got shape {tuple(t.shape)}")
 
 
-def _per_channel(input: torch.Tensor, p: Plan, **tensors) -> None:
-    _check_shapes((p.G * p.K,), f"one per channel of the input of shape {tuple(input.shape)}", **tensors)
+def _per_channel(input: torch.Tensor, p: spec.Plan, **tensors) -> None:
+    _check_shapes((p.affine_size,), f"one per channel of the input of shape {tuple(input.shape)}", **tensors)
 
 
-def _norm(x, w, b, p: Plan, eps, activation, placement, stats=None):
-    mean, var = stats if stats is not None else (None, None)
-    groups = p.G if p.kind == "group" else 0
-    run = _norm_forward_op if torch.compiler.is_compiling() else _NormFunction.apply
-    return run(x, w, b, mean, var, p.kind, groups, p.normalized_ndim, float(eps), activation, placement)
-
-
-@torch.no_grad()
-def update_running_stats(
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    m: int,
-    momentum: float | None,
-    num_batches_tracked: torch.Tensor | None = None,
-    num_skipped: torch.Tensor | None = None,
-) -> None:
-    """Fold one batch's statistics into running buffers, in place, unless they are not finite.
-
-    ``running = (1 - factor) · running + factor · batch`` with ``factor = momentum``, or ``1 / num_batches_tracked``
-    (a cumulative average) when ``momentum`` is None. ``running_var`` receives the unbiased batch variance
-    ``var · m / (m - 1)``. A batch whose mean or variance is not finite leaves every buffer untouched (torch would
-    poison them with NaN) and adds one to ``num_skipped``; the choice is made on the device, without a host sync.
-
-    Args:
-        running_mean, running_var: ``(C,)`` buffers, updated in place.
-        mean, var: the batch's mean and biased variance, ``C`` entries each.
-        m: values per statistic in the batch.
-        momentum: the moving-average factor, or None for the cumulative average.
-        num_batches_tracked: scalar long buffer, incremented for every batch folded in.
-        num_skipped: scalar long buffer counting skipped batches.
-    """
-    if momentum is None and num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-    batch = torch.stack((mean.reshape(-1), var.reshape(-1) * (m / max(m - 1, 1)))).to(running_mean.dtype)  # (2, C)
-    finite = batch.isfinite().all()
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(finite)
-    if num_skipped is not None:
-        num_skipped.add_(~finite)
-    factor = momentum if momentum is not None else 1.0 / num_batches_tracked.clamp(min=1).to(running_mean.dtype)
-    running = torch.stack((running_mean, running_var))                                            # (2, C)
-    running = torch.where(finite, torch.lerp(running, batch, factor), running)
-    running_mean.copy_(running[0])
-    running_var.copy_(running[1])
-
+# ---- the four norms ---------------------------------------------------------------------------------------------
 
 def batch_norm(
     input: torch.Tensor,
@@ -228,40 +236,43 @@ def batch_norm(
     activation: str | None = None,
     placement: str = "before",
     *,
+    negative_slope: float = LEAKY_SLOPE,
     num_batches_tracked: torch.Tensor | None = None,
     num_skipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch norm of ``input`` ``(N, C, *S)``, as :func:`torch.nn.functional.batch_norm`, plus a fused activation.
 
     In training, statistics are the batch's own (per channel over N and S) and, when ``running_mean`` and
-    ``running_var`` are given, are folded into them (see :func:`update_running_stats`); in eval, the running
-    statistics normalize. Output: same shape, dtype and memory format as ``input``.
+    ``running_var`` are given, are folded into them (see :func:`normlab.torch_ops.update_running_stats`); in eval,
+    the running statistics normalize. Output: same shape, dtype and memory format as ``input``.
 
-    Extras beyond torch (keyword-only, used by :mod:`normlab.nn`): ``num_batches_tracked`` enables
-    ``momentum=None`` (cumulative average) and is incremented per folded batch; ``num_skipped`` counts batches
-    whose non-finite statistics were kept out of the running buffers.
+    Extras beyond torch (keyword-only, used by :mod:`normlab.nn`): ``negative_slope`` of ``"leaky_relu"``;
+    ``num_batches_tracked`` enables ``momentum=None`` (cumulative average) and is incremented per folded batch;
+    ``num_skipped`` counts batches whose non-finite statistics were kept out of the running buffers. ``momentum``
+    must lie in [0, 1] (torch accepts any value).
     """
-    _check_input(input, eps, activation, placement)
-    p = plan("batch", input.shape)
+    _check_tensor(input)
+    check_momentum(momentum)
+    call = _call("batch", input.shape, eps, activation, placement, negative_slope, bool(training))
+    p = call.plan
     _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must both be given or both be None; got {missing}=None")
     if training:
+        if momentum is None and num_batches_tracked is None and running_mean is not None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
         if p.m == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        y, mean, var = _norm(input, weight, bias, p, eps, activation, placement)
+        running = None
         if running_mean is not None and p.numel > 0:
-            update_running_stats(
-                running_mean, running_var, mean, var, p.m, momentum, num_batches_tracked, num_skipped
-            )
+            running = Running(running_mean, running_var, momentum, num_batches_tracked, num_skipped)
         elif num_batches_tracked is not None:  # an empty batch changes no statistic but counts, as in torch
             num_batches_tracked.add_(1)
-        return y
+        return _norm(input, weight, bias, call, running=running)
     if running_mean is None:
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
-    y, _, _ = _norm(input, weight, bias, p, eps, activation, placement, (running_mean, running_var))
-    return y
+    return _norm(input, weight, bias, call, (running_mean, running_var))
 
 
 def instance_norm(
@@ -275,27 +286,27 @@ def instance_norm(
     eps: float = 1e-5,
     activation: str | None = None,
     placement: str = "before",
+    *,
+    negative_slope: float = LEAKY_SLOPE,
 ) -> torch.Tensor:
     """Instance norm of ``input`` ``(N, C, *S)``, as :func:`torch.nn.functional.instance_norm`.
 
     Statistics per sample and channel over S. With ``use_input_stats`` and running buffers, the buffers receive the
     batch average of the per-instance mean and unbiased variance; without it, the buffers normalize.
     """
-    _check_input(input, eps, activation, placement)
-    p = plan("instance", input.shape)
+    _check_tensor(input)
+    check_momentum(momentum)
+    call = _call("instance", input.shape, eps, activation, placement, negative_slope, bool(use_input_stats))
+    p = call.plan
     _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     if use_input_stats:
         if p.R == 1:
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
-        y, mean, var = _norm(input, weight, bias, p, eps, activation, placement)
-        if running_mean is not None and p.numel > 0:
-            update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), p.m, momentum)
-        return y
+        running = Running(running_mean, running_var, momentum) if running_mean is not None and p.numel > 0 else None
+        return _norm(input, weight, bias, call, running=running)
     if running_mean is None or running_var is None:
         raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-    stats = (running_mean.expand(p.N, p.G), running_var.expand(p.N, p.G))
-    y, _, _ = _norm(input, weight, bias, p, eps, activation, placement, stats)
-    return y
+    return _norm(input, weight, bias, call, (running_mean, running_var))
 
 
 def group_norm(
@@ -306,15 +317,17 @@ def group_norm(
     eps: float = 1e-5,
     activation: str | None = None,
     placement: str = "before",
+    *,
+    negative_slope: float = LEAKY_SLOPE,
 ) -> torch.Tensor:
     """Group norm of ``input`` ``(N, C, *S)``, as :func:`torch.nn.functional.group_norm`.
 
     Statistics per sample over each group of ``C / num_groups`` channels and S; weight and bias per channel.
     """
-    _check_input(input, eps, activation, placement)
-    p = plan("group", input.shape, groups=num_groups)
-    _per_channel(input, p, weight=weight, bias=bias)
-    return _norm(input, weight, bias, p, eps, activation, placement)[0]
+    _check_tensor(input)
+    call = _call("group", input.shape, eps, activation, placement, negative_slope, groups=num_groups)
+    _per_channel(input, call.plan, weight=weight, bias=bias)
+    return _norm(input, weight, bias, call)
 
 
 def layer_norm(
@@ -325,18 +338,20 @@ def layer_norm(
     eps: float = 1e-5,
     activation: str | None = None,
     placement: str = "before",
+    *,
+    negative_slope: float = LEAKY_SLOPE,
 ) -> torch.Tensor:
     """Layer norm of ``input`` ``(*B, *D)`` over its trailing dims ``D = normalized_shape``, as torch's.
 
     Weight and bias have shape ``normalized_shape`` (one value per normalized element).
     """
-    _check_input(input, eps, activation, placement)
+    _check_tensor(input)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     k = len(shape)
-    if k == 0 or tuple(input.shape[input.dim() - k :]) != shape or input.dim() < k:
+    if k == 0 or input.dim() < k or input.shape[input.dim() - k :] != shape:
         raise ValueError(
             f"layer_norm: input must end in normalized_shape {shape}, got input of shape {tuple(input.shape)}"
         )
     _check_shapes(shape, "normalized_shape", weight=weight, bias=bias)
-    p = plan("layer", input.shape, normalized_ndim=k)
-    return _norm(input, weight, bias, p, eps, activation, placement)[0]
+    call = _call("layer", input.shape, eps, activation, placement, negative_slope, normalized_ndim=k)
+    return _norm(input, weight, bias, call)

@@ -2,8 +2,9 @@
 
 Each class subclasses its torch.nn namesake, so the constructor arguments, defaults, parameters, buffers,
 ``state_dict`` keys, checkpoint upgrades and ``isinstance`` checks are torch's own; only ``forward`` is
-normlab's. Every class also takes ``activation=None, placement="before"`` (see :mod:`normlab.functional`):
-``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer.
+normlab's. Every class also takes ``activation=None, placement="before", negative_slope=0.01`` (see
+:mod:`normlab.functional`): ``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer. ``eps`` must be > 0 and
+``momentum`` None or in [0, 1]; both are checked when the layer is built, and the error names the layer.
 
 Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
 (torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
@@ -18,7 +19,7 @@ import warnings
 import torch
 
 from normlab import functional as F
-from normlab.spec import check_activation
+from normlab.spec import LEAKY_SLOPE, check_activation
 
 __all__ = [
     "BatchNorm1d",
@@ -33,20 +34,32 @@ __all__ = [
 
 
 class _Fused:
-    """The fused-activation settings every normlab layer adds to its torch.nn base."""
+    """What every normlab layer adds to its torch.nn base: the fused activation, and checks at construction."""
 
     activation: str | None
     placement: str
+    negative_slope: float
 
-    def _set_activation(self, activation: str | None, placement: str) -> None:
-        check_activation(activation, placement)
-        self.activation, self.placement = activation, placement
+    def _setup(self, activation: str | None, placement: str, negative_slope: float) -> None:
+        who = type(self).__name__
+        try:
+            check_activation(activation, placement, negative_slope)
+            if not self.eps > 0:  # also rejects NaN
+                raise ValueError(f"eps must be > 0, got {self.eps}")
+            F.check_momentum(getattr(self, "momentum", None))
+        except ValueError as e:
+            raise ValueError(f"{who}: {e}") from None
+        self.activation, self.placement, self.negative_slope = activation, placement, negative_slope
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        return (
-            base if self.activation is None else f"{base}, activation={self.activation!r}, placement={self.placement!r}"
-        )
+        if self.activation is None:
+            return base
+        slope = f", negative_slope={self.negative_slope}" if self.negative_slope != LEAKY_SLOPE else ""
+        return f"{base}, activation={self.activation!r}, placement={self.placement!r}{slope}"
+
+    def _fused(self) -> dict:
+        return {"activation": self.activation, "placement": self.placement, "negative_slope": self.negative_slope}
 
 
 class _BatchNorm(_Fused):
@@ -65,9 +78,10 @@ class _BatchNorm(_Fused):
         bias: bool = True,
         activation: str | None = None,
         placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._set_activation(activation, placement)
+        self._setup(activation, placement, negative_slope)
         self.register_buffer("num_skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._warned_skipped = False
 
@@ -79,7 +93,7 @@ class _BatchNorm(_Fused):
                 f"got input of shape {tuple(input.shape)}"
             )
         track = self.training and self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_input_stats = self.training or self.running_mean is None
         pass_buffers = not self.training or self.track_running_stats
         y = F.batch_norm(
             input,
@@ -87,15 +101,14 @@ class _BatchNorm(_Fused):
             self.running_var if pass_buffers else None,
             self.weight,
             self.bias,
-            use_batch_stats,
+            use_input_stats,
             self.momentum,
             self.eps,
-            self.activation,
-            self.placement,
+            **self._fused(),
             num_batches_tracked=self.num_batches_tracked if track else None,
             num_skipped=self.num_skipped_updates if track else None,
         )
-        if track and input.device.type == "cpu":
+        if track and not self._warned_skipped and input.device.type == "cpu":
             self._warn_skipped()
         return y
 
@@ -146,9 +159,10 @@ class _InstanceNorm(_Fused):
         bias: bool = True,
         activation: str | None = None,
         placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._set_activation(activation, placement)
+        self._setup(activation, placement, negative_slope)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         return F.instance_norm(
@@ -160,8 +174,7 @@ class _InstanceNorm(_Fused):
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
-            self.activation,
-            self.placement,
+            **self._fused(),
         )
 
 
@@ -192,9 +205,10 @@ class GroupNorm(_Fused, torch.nn.GroupNorm):
         bias: bool = True,
         activation: str | None = None,
         placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
     ) -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, bias=bias)
-        self._set_activation(activation, placement)
+        self._setup(activation, placement, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -202,7 +216,7 @@ class GroupNorm(_Fused, torch.nn.GroupNorm):
                 f"GroupNorm({self.num_groups}, {self.num_channels}) expects input (N, {self.num_channels}, *), "
                 f"got shape {tuple(input.shape)}"
             )
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, self.activation, self.placement)
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, **self._fused())
 
 
 class LayerNorm(_Fused, torch.nn.LayerNorm):
@@ -219,11 +233,10 @@ class LayerNorm(_Fused, torch.nn.LayerNorm):
         *,
         activation: str | None = None,
         placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
     ) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self._set_activation(activation, placement)
+        self._setup(activation, placement, negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps, self.activation, self.placement
-        )
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, **self._fused())

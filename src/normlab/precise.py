@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
-from normlab.activations import ACTIVATIONS
-from normlab.spec import plan
+from normlab import activations
+from normlab.spec import LEAKY_SLOPE, plan
 from normlab.torch_ops import view4
 
 
@@ -37,8 +38,37 @@ class _Pooled:
         self.n = n
 
 
+def _input_of(batch: Any, key: Any, input_fn: Callable[[Any], Any] | None, index: int) -> Any:
+    """The model's input in one batch: ``input_fn(batch)``; else a tensor as is, a tuple/list's first item, or a
+    dict's ``key`` item."""
+    if input_fn is not None:
+        return input_fn(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        if key is None:
+            raise TypeError(
+                f"precise_bn: batch {index} is a dict (keys {list(batch)}); say which item is the input with "
+                "key=... or input_fn=..."
+            )
+        return batch[key]
+    raise TypeError(
+        f"precise_bn: batch {index} is a {type(batch).__name__}; expected a tensor, a tuple/list whose first item is "
+        "the input, or a dict with key=...; or pass input_fn=... to take the input from any batch"
+    )
+
+
 @torch.no_grad()
-def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | None = None) -> torch.nn.Module:
+def precise_bn(
+    model: torch.nn.Module,
+    batches: Iterable,
+    num_batches: int | None = None,
+    *,
+    key: Any = None,
+    input_fn: Callable[[Any], Any] | None = None,
+) -> torch.nn.Module:
     """Set every batch-norm layer's running statistics to the exact population ones over ``batches``.
 
     Runs the model forward over the batches with its batch-norm layers in training mode (so each layer sees the
@@ -51,8 +81,12 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
 
     Args:
         model: the network.
-        batches: an iterable of input tensors, or of tuples/lists whose first item is the input (a DataLoader).
+        batches: an iterable of batches: input tensors, tuples/lists whose first item is the input (a DataLoader),
+            or dicts whose ``key`` item is the input.
         num_batches: use at most this many batches (all when None).
+        key: the input's key in dict batches.
+        input_fn: takes the model's input from a batch of any kind (overrides the rules above); what it returns
+            is passed to the model as is.
 
     Returns:
         ``model``, updated in place.
@@ -69,9 +103,9 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
 
     def record(module, args):
         x = args[0]
-        activation = getattr(module, "activation", None)
-        if activation is not None and getattr(module, "placement", "before") == "after":
-            x = ACTIVATIONS[activation].fn(x)  # such a layer normalizes f(x), not x
+        f = activations.get(getattr(module, "activation", None), getattr(module, "negative_slope", LEAKY_SLOPE))
+        if f is not None and getattr(module, "placement", "before") == "after":
+            x = f.fn(x)  # such a layer normalizes f(x), not x
         pooled[module].add(x, f"layer {names[module]!r} at batch {batch_index}")
 
     handles = [m.register_forward_pre_hook(record) for m in layers]
@@ -84,8 +118,8 @@ def precise_bn(model: torch.nn.Module, batches: Iterable, num_batches: int | Non
         for batch_index, batch in enumerate(batches):  # record() reads batch_index
             if num_batches is not None and batch_index >= num_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(x.to(device) if device is not None else x)
+            x = _input_of(batch, key, input_fn, batch_index)
+            model(x.to(device) if (device is not None and isinstance(x, torch.Tensor)) else x)
         for m in layers:
             if pooled[m].n < 2:
                 raise ValueError(

@@ -65,10 +65,14 @@ def _gelu_grad(x):
     return cdf + x * pdf
 
 
-# name -> (f, f'), both of the pre-activation value.
+def _leaky_relu(slope):
+    return lambda x: np.where(x > 0, x, slope * x), lambda x: np.where(x > 0, 1.0, slope)
+
+
+# name -> (f, f'), both of the pre-activation value ("leaky_relu" at the default slope; see activation_functions()).
 ACTIVATIONS = {
     "relu": (lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64)),
-    "leaky_relu": (lambda x: np.where(x > 0, x, LEAKY_SLOPE * x), lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE)),
+    "leaky_relu": _leaky_relu(LEAKY_SLOPE),
     "sigmoid": (_sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x))),
     "tanh": (np.tanh, lambda x: 1.0 - np.tanh(x) ** 2),
     "silu": (lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x)))),
@@ -76,12 +80,15 @@ ACTIVATIONS = {
 }
 
 
-def _act(activation):
-    check_activation(activation, "before")
-    return None if activation is None else ACTIVATIONS[activation]
+def activation_functions(name, negative_slope=LEAKY_SLOPE):
+    """``(f, f')`` of the activation ``name``, or None; leaky_relu with ``negative_slope``."""
+    check_activation(name, "before", negative_slope)
+    if name == "leaky_relu":
+        return _leaky_relu(negative_slope)
+    return None if name is None else ACTIVATIONS[name]
 
 
-def forward(x, w, b, eps, p: Plan, activation=None, placement="before"):
+def forward(x, w, b, eps, p: Plan, activation=None, placement="before", negative_slope=LEAKY_SLOPE):
     """Normalize ``x`` by plan ``p`` (float64); returns ``(y, cache)``.
 
     Args:
@@ -90,8 +97,9 @@ def forward(x, w, b, eps, p: Plan, activation=None, placement="before"):
         eps: added to the variance.
         p: the :class:`~normlab.spec.Plan`.
         activation: None or a name in :data:`ACTIVATIONS`; placement ``"before"`` or ``"after"`` the norm.
+        negative_slope: leaky_relu's slope for negative inputs.
     """
-    f = _act(activation)
+    f = activation_functions(activation, negative_slope)
     x = np.asarray(x, dtype=np.float64)
     w = np.ones(p.affine_size) if w is None else np.asarray(w, dtype=np.float64).reshape(-1)
     b = np.zeros(p.affine_size) if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
@@ -104,14 +112,13 @@ def forward(x, w, b, eps, p: Plan, activation=None, placement="before"):
     xhat = xc * rstd                                        # (N, G, K, R)
     z = xhat * w.reshape(1, p.G, p.K, 1) + b.reshape(1, p.G, p.K, 1)  # (N, G, K, R)
     y = f[0](z) if (f and placement == "before") else z     # (N, G, K, R)
-    cache = (x, w, b, mean, rstd, var, eps, p, activation, placement)
+    cache = (x, w, b, mean, rstd, var, eps, p, f, placement)
     return y.reshape(p.shape), cache
 
 
 def backward(dy, cache):
     """Backward of :func:`forward`, step by step; returns ``(dx, dw, db)`` (dw, db flat, ``p.affine_size``)."""
-    x, w, b, mean, rstd, var, eps, p, activation, placement = cache
-    f = _act(activation)
+    x, w, b, mean, rstd, var, eps, p, f, placement = cache
     w4 = w.reshape(1, p.G, p.K, 1)                          # (1, G, K, 1)
     a = f[0](x) if (f and placement == "after") else x      # (shape)
     a4 = a.reshape(p.view_shape)                            # (N, G, K, R)

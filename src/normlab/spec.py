@@ -26,14 +26,17 @@ Statistics reduce ``x4`` over ``stat_axes`` (``(0, 2, 3)`` or ``(2, 3)``) and ha
 (``(1, G)`` or ``(N, G)``); ``w`` and ``b`` have ``G * K`` entries and broadcast as ``(1, G, K, 1)``; their
 gradients reduce over ``affine_axes = (0, 3)``. Nothing outside this module branches on the kind.
 
-This module is pure Python: the NumPy reference, the torch path and the Triton kernels all read the same plan.
+This module is pure Python: the NumPy reference and every backend read the same plan. One call of a norm travels
+through the tiers as one frozen :class:`Call` (plan, eps, activation, placement, negative slope, and whether the
+input's own statistics normalize), built once per shape by :func:`call`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 Kind = Literal["batch", "instance", "group", "layer"]
 KINDS: tuple[str, ...] = ("batch", "instance", "group", "layer")
@@ -43,15 +46,22 @@ KINDS: tuple[str, ...] = ("batch", "instance", "group", "layer")
 # activations.py, Triton in kernels/norm.py) under these names.
 ACTIVATIONS: tuple[str, ...] = ("gelu", "leaky_relu", "relu", "sigmoid", "silu", "tanh")
 PLACEMENTS: tuple[str, ...] = ("before", "after")
-LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default negative slope
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default negative slope; "gelu" is the exact (erf) form, as nn.GELU()
 
 
-def check_activation(activation: str | None, placement: str) -> None:
-    """Raise ``ValueError`` for an activation name or placement outside :data:`ACTIVATIONS` / :data:`PLACEMENTS`."""
+def check_activation(activation: str | None, placement: str, negative_slope: float = LEAKY_SLOPE) -> None:
+    """Raise ``ValueError`` for an activation or placement outside :data:`ACTIVATIONS` / :data:`PLACEMENTS`, for
+    ``placement="after"`` with no activation, and for a ``negative_slope`` without ``"leaky_relu"``."""
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None or one of {list(ACTIVATIONS)}, got {activation!r}")
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if placement == "after" and activation is None:
+        raise ValueError("placement='after' (the norm after an activation) needs an activation, got activation=None")
+    if not isinstance(negative_slope, (int, float)) or negative_slope != negative_slope:
+        raise ValueError(f"negative_slope must be a number, got {negative_slope!r}")
+    if negative_slope != LEAKY_SLOPE and activation != "leaky_relu":
+        raise ValueError(f"negative_slope applies to activation='leaky_relu' only, got activation={activation!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,69 @@ class Plan:
     @property
     def numel(self) -> int:
         return self.N * self.G * self.K * self.R
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a norm, as every tier sees it.
+
+    Attributes:
+        plan: the :class:`Plan` of the input's shape.
+        eps: added to the variance.
+        activation: the fused activation (a name in :data:`ACTIVATIONS`) or None.
+        placement: ``"before"`` (``y = f(norm(x))``) or ``"after"`` (``y = norm(f(x))``).
+        negative_slope: leaky_relu's slope for negative inputs.
+        use_input_stats: the input's own statistics normalize (training); else given ones (running statistics),
+            which are constants of the graph.
+    """
+
+    plan: Plan
+    eps: float
+    activation: str | None = None
+    placement: str = "before"
+    negative_slope: float = LEAKY_SLOPE
+    use_input_stats: bool = True
+
+
+class Running(NamedTuple):
+    """A layer's running statistics, as the tiers update them.
+
+    Attributes:
+        mean, var: ``(C,)`` buffers, updated in place (var receives the unbiased batch variance).
+        momentum: the moving-average factor, or None for the cumulative average over ``num_batches_tracked``.
+        num_batches_tracked: scalar long buffer counting batches folded in, or None.
+        num_skipped: scalar long buffer counting batches kept out for non-finite statistics, or None.
+    """
+
+    mean: Any
+    var: Any
+    momentum: float | None
+    num_batches_tracked: Any = None
+    num_skipped: Any = None
+
+
+def make_call(
+    kind: str,
+    shape: tuple[int, ...],
+    eps: float,
+    activation: str | None = None,
+    placement: str = "before",
+    negative_slope: float = LEAKY_SLOPE,
+    use_input_stats: bool = True,
+    groups: int | None = None,
+    normalized_ndim: int | None = None,
+) -> Call:
+    """The :class:`Call` for normalizing an input of ``shape`` as ``kind`` (:func:`call` caches it). Raises
+    ``ValueError`` as :func:`plan` and :func:`check_activation` do, and for ``eps`` not > 0."""
+    if not eps > 0:  # also rejects NaN
+        raise ValueError(f"eps must be > 0, got {eps}")
+    check_activation(activation, placement, negative_slope)
+    p = plan(kind, shape, groups=groups, normalized_ndim=normalized_ndim)
+    return Call(p, float(eps), activation, placement, float(negative_slope), bool(use_input_stats))
+
+
+# A training loop meets a handful of shapes: each Call is built once, then found by its arguments.
+call = functools.lru_cache(maxsize=4096)(make_call)
 
 
 def _prod(xs: Sequence[int]) -> int:

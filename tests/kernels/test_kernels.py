@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install normlab[gpu])")
 
-from normlab import kernels, reference, torch_ops  # noqa: E402
+from normlab import kernels, reference, spec, torch_ops  # noqa: E402
 from normlab.kernels import launch  # noqa: E402
-from normlab.spec import plan  # noqa: E402
+from normlab.spec import LEAKY_SLOPE, plan  # noqa: E402
 from tests.conftest import ACT_PLACEMENTS  # noqa: E402
 
 # name -> (shape, channels_last): primes and size-1 dims in every layout.
@@ -56,6 +56,12 @@ def _plan(kind, shape, groups=None, normalized_ndim=1):
     return plan(kind, shape, groups=groups, normalized_ndim=normalized_ndim if kind == "layer" else None)
 
 
+def _call(p, eps, activation=None, placement="before", negative_slope=LEAKY_SLOPE, use_input_stats=True):
+    """The :class:`~normlab.spec.Call` of plan ``p``, as the library builds it."""
+    return spec.call(p.kind, p.shape, eps, activation, placement, negative_slope, use_input_stats,
+                     p.G if p.kind == "group" else None, p.normalized_ndim or None)  # fmt: skip
+
+
 def _make(shape, channels_last, dtype, p, w_dtype=None, affine=(True, True), scale=1.0, offset=0.0):
     x = (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
     if channels_last:
@@ -81,19 +87,26 @@ def _close(actual, expected, atol, rtol, what):
     )
 
 
-def _check_training(x, w, b, dy, p, activation, placement, eps=1e-5):
+def _check_rstd(rstd, var, eps, p):
+    """The kernels' rstd: float32, ``p.stat_shape``, ``1 / sqrt(var + eps)`` of the variance they return."""
+    assert rstd.dtype == torch.float32 and rstd.shape == p.stat_shape
+    _close(rstd, (var.double().reshape(p.stat_shape) + eps).rsqrt(), 0.0, 1e-6, "rstd")
+
+
+def _check_training(x, w, b, dy, p, activation, placement, eps=1e-5, negative_slope=LEAKY_SLOPE):
     """Forward and backward of the kernels against the float64 reference on the same inputs."""
     dtype = x.dtype
     atol, rtol = TOL[dtype]
-    y, mean, var = kernels.forward(x, w, b, p, eps, activation, placement)
-    ref_y, cache = reference.forward(_np(x), _np(w), _np(b), eps, p, activation, placement)
+    call = _call(p, eps, activation, placement, negative_slope)
+    y, mean, rstd, var = kernels.forward(x, w, b, call)
+    ref_y, cache = reference.forward(_np(x), _np(w), _np(b), eps, p, activation, placement, negative_slope)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch_ops.output_format(x, p))
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == p.stat_shape
     _close(y, ref_y, atol, rtol, "y")
     _close(mean, cache[3], 1e-5, 1e-5, "mean")
     _close(var, cache[5], 1e-5, 1e-4, "var")
-    rstd = (var + eps).rsqrt()
-    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, p, activation, placement)
+    _check_rstd(rstd, var, eps, p)
+    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, call)
     ref_dx, ref_dw, ref_db = reference.backward(_np(dy), cache)
     assert dx.dtype == dtype and dx.is_contiguous(memory_format=torch_ops.output_format(x, p))
     _close(dx, ref_dx, atol * 4, rtol * 4, "dx")
@@ -201,23 +214,119 @@ def test_eval_forward_and_backward(tiles, kind, shape, groups, cl, dtype, activa
     n_stats = int(np.prod(p.stat_shape))
     stats = (torch.randn(n_stats), torch.rand(n_stats) + 0.5)
     eps = 1e-3
-    y, mean, var = kernels.forward(x, w, b, p, eps, activation, placement, stats=stats)
+    call = _call(p, eps, activation, placement, use_input_stats=False)
+    y, mean, rstd, var = kernels.forward(x, w, b, call, stats)
     assert torch.equal(mean.reshape(-1), stats[0]) and torch.equal(var.reshape(-1), stats[1])
     assert y.stride() == x.stride() and y.dtype == dtype
+    _check_rstd(rstd, var, eps, p)
     x64, w64, b64, dy64 = (t.to(torch.float64) for t in (x, w, b, dy))
     stats64 = tuple(s.to(torch.float64) for s in stats)
-    ref_y, _, _ = torch_ops.forward(x64, w64, b64, p, eps, activation, placement, stats=stats64)
+    ref_y = torch_ops.forward(x64, w64, b64, call, stats64)[0]
     atol, rtol = TOL[dtype]
     _close(y, ref_y, atol, rtol, "y")
-    rstd = (var + eps).rsqrt()
-    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, p, activation, placement, batch_stats=False)
+    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, call)
     ref = torch_ops.backward(dy64, x64, w64, b64, stats64[0].reshape(p.stat_shape),
-                             (stats64[1] + eps).rsqrt().reshape(p.stat_shape), p, activation, placement,
-                             batch_stats=False)  # fmt: skip
+                             (stats64[1] + eps).rsqrt().reshape(p.stat_shape), call)  # fmt: skip
     s = float(np.sqrt(p.m))
     _close(dx, ref[0], atol * 4, rtol * 4, "dx")
     _close(dw, ref[1], atol * s, rtol * 2, "dw")
     _close(db, ref[2], atol * s, rtol * 2, "db")
+
+
+@pytest.mark.parametrize("tiles", ["tiny"], indirect=True)
+def test_eval_instance_norm_channel_stats(tiles):
+    """Instance norm with given ``(C,)`` statistics (its running buffers): every sample normalizes with them; rstd
+    comes back per sample, ``p.stat_shape``, and the backward takes the ``(C,)`` mean and that rstd."""
+    shape = (3, 5, 7, 2)
+    p = plan("instance", shape)
+    x, w, b, dy = _make(shape, True, torch.float32, p)
+    stats = (torch.randn(5), torch.rand(5) + 0.5)
+    eps = 1e-3
+    call = _call(p, eps, "silu", use_input_stats=False)
+    y, mean, rstd, var = kernels.forward(x, w, b, call, stats)
+    assert mean is stats[0] and var is stats[1]
+    _check_rstd(rstd, var.expand(p.stat_shape), eps, p)
+    x64, w64, b64, dy64 = (t.to(torch.float64) for t in (x, w, b, dy))
+    stats64 = tuple(s.to(torch.float64) for s in stats)
+    _close(y, torch_ops.forward(x64, w64, b64, call, stats64)[0], 2e-5, 1e-4, "y")
+    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, call)
+    ref = torch_ops.backward(dy64, x64, w64, b64, stats64[0], (stats64[1] + eps).rsqrt(), call)
+    s = float(np.sqrt(p.m))
+    _close(dx, ref[0], 8e-5, 4e-4, "dx")
+    _close(dw, ref[1], 2e-5 * s, 2e-4, "dw")
+    _close(db, ref[2], 2e-5 * s, 2e-4, "db")
+
+
+@pytest.mark.parametrize("tiles", ["tiny"], indirect=True)
+@pytest.mark.parametrize("placement", ["before", "after"])
+@pytest.mark.parametrize(
+    "kind,shape,groups,cl",
+    [
+        ("batch", (3, 5, 7, 2), None, True),
+        ("group", (3, 6, 5, 7), 3, False),
+        ("layer", (3, 2, 5), None, False),  # whole rows
+        ("layer", (3, 2, 13), None, False),  # chunked rows
+    ],
+)
+def test_leaky_relu_negative_slope(tiles, kind, shape, groups, cl, placement):
+    """leaky_relu with a non-default negative slope, in both placements, against the reference with that slope;
+    the default slope gives a different output (the slope reaches the kernels)."""
+    p = _plan(kind, shape, groups)
+    x, w, b, dy = _make(shape, cl, torch.float32, p)
+    _check_training(x, w, b, dy, p, "leaky_relu", placement, negative_slope=0.2)
+    y_02 = kernels.forward(x, w, b, _call(p, 1e-5, "leaky_relu", placement, 0.2))[0]
+    y_default = kernels.forward(x, w, b, _call(p, 1e-5, "leaky_relu", placement))[0]
+    assert not torch.allclose(y_02, y_default)
+
+
+@pytest.mark.parametrize("tiles", ["tiny"], indirect=True)
+@pytest.mark.parametrize("use_input_stats", [True, False])
+@pytest.mark.parametrize(
+    "kind,shape,groups,cl",
+    [
+        ("batch", (3, 5, 7, 2), None, True),
+        ("group", (3, 6, 5), 2, False),
+        ("layer", (3, 2, 5), None, False),  # whole rows
+        ("layer", (3, 2, 13), None, False),  # chunked rows
+    ],
+)
+def test_backward_without_dx(tiles, kind, shape, groups, cl, use_input_stats):
+    """``need_dx=False``: dx is None, dw and db are those of the full backward, bit for bit."""
+    p = _plan(kind, shape, groups)
+    x, w, b, dy = _make(shape, cl, torch.float32, p)
+    call = _call(p, 1e-5, "gelu", use_input_stats=use_input_stats)
+    stats = None if use_input_stats else (torch.randn(p.stat_shape), torch.rand(p.stat_shape) + 0.5)
+    _, mean, rstd, _ = kernels.forward(x, w, b, call, stats)
+    dx, dw, db = kernels.backward(dy, x, w, b, mean, rstd, call)
+    none, dw_only, db_only = kernels.backward(dy, x, w, b, mean, rstd, call, need_dx=False)
+    assert dx is not None and none is None
+    assert torch.equal(dw, dw_only) and torch.equal(db, db_only)
+
+
+def test_stats_must_match_use_input_stats():
+    p = plan("batch", (4, 3, 5))
+    x = torch.randn(p.shape)
+    stats = (torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="use_input_stats"):
+        kernels.forward(x, None, None, _call(p, 1e-5), stats)
+    with pytest.raises(ValueError, match="use_input_stats"):
+        kernels.forward(x, None, None, _call(p, 1e-5, use_input_stats=False))
+
+
+def test_running_stats():
+    """``forward(..., running=...)`` folds the input's own statistics into the buffers, as torch_ops' update (which
+    the kernels module re-exports) does with the returned mean and var."""
+    assert kernels.update_running_stats is torch_ops.update_running_stats
+    p = plan("batch", (4, 3, 5))
+    x = torch.randn(p.shape) * 2 + 1
+    running = spec.Running(torch.zeros(3), torch.ones(3), 0.1, torch.zeros((), dtype=torch.long))
+    _, mean, _, var = kernels.forward(x, None, None, _call(p, 1e-5), None, running)
+    expected = spec.Running(torch.zeros(3), torch.ones(3), 0.1, torch.zeros((), dtype=torch.long))
+    torch_ops.update_running_stats(expected, mean, var, p.m)
+    for a, c in zip(running, expected):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, c)
+    assert running.num_batches_tracked.item() == 1 and not torch.equal(running.mean, torch.zeros(3))
 
 
 # (shape, normalized_ndim): with TINY, K = 5 and 4 fit one tile, K = 13 and 15 run in chunks of 4.
@@ -258,7 +367,7 @@ def test_layer_norm_large_mean_small_spread(tiles):
     shape = (3, 37)
     p = plan("layer", shape, normalized_ndim=1)
     x, w, b, _ = _make(shape, False, torch.float32, p, scale=1e-2, offset=1e4)
-    _, mean, var = kernels.forward(x, w, b, p, 1e-8)
+    _, mean, _, var = kernels.forward(x, w, b, _call(p, 1e-8))
     _, cache = reference.forward(_np(x), _np(w), _np(b), 1e-8, p, None, "before")
     ref_var = torch.as_tensor(cache[5]).reshape(-1)
     rel = ((var.reshape(-1).double() - ref_var) / ref_var).abs().max().item()
@@ -273,7 +382,7 @@ def test_large_mean_small_spread(tiles, layout):
     shape, cl = {"NC": ((64, 3), False), "NCHW": ((4, 3, 5, 4), False), "NHWC": ((4, 3, 5, 4), True)}[layout]
     p = plan("batch", shape)
     x, w, b, dy = _make(shape, cl, torch.float32, p, scale=1e-2, offset=1e4)
-    y, mean, var = kernels.forward(x, w, b, p, 1e-8, "relu")
+    y, mean, _, var = kernels.forward(x, w, b, _call(p, 1e-8, "relu"))
     ref_y, cache = reference.forward(_np(x), _np(w), _np(b), 1e-8, p, "relu", "before")
     ref_var = torch.as_tensor(cache[5]).reshape(-1)
     rel = ((var.reshape(-1).double() - ref_var) / ref_var).abs().max().item()
@@ -296,11 +405,12 @@ def test_deterministic(monkeypatch, kind, shape, groups, cl):
     monkeypatch.setattr(launch, "TUNING", TINY)
     p = _plan(kind, shape, groups)
     x, w, b, dy = _make(shape, cl, torch.float32, p)
+    call = _call(p, 1e-5, "silu")
     runs = []
     for _ in range(2):
-        y, mean, var = kernels.forward(x, w, b, p, 1e-5, "silu")
-        grads = kernels.backward(dy, x, w, b, mean, (var + 1e-5).rsqrt(), p, "silu")
-        runs.append((y, mean, var, *grads))
+        y, mean, rstd, var = kernels.forward(x, w, b, call)
+        grads = kernels.backward(dy, x, w, b, mean, rstd, call)
+        runs.append((y, mean, rstd, var, *grads))
     for a, c in zip(*runs):
         assert torch.equal(a, c)
 
@@ -310,11 +420,12 @@ def test_tiling_does_not_change_results_beyond_rounding(monkeypatch):
     shape = (6, 4, 9, 5)
     p = plan("batch", shape)
     x, w, b, dy = _make(shape, False, torch.float32, p)
+    call = _call(p, 1e-5, "gelu")
     out = {}
     for name, tuning in (("tiny", TINY), ("default", launch.Tuning())):
         monkeypatch.setattr(launch, "TUNING", tuning)
-        y, mean, var = kernels.forward(x, w, b, p, 1e-5, "gelu")
-        out[name] = (y, mean, var, *kernels.backward(dy, x, w, b, mean, (var + 1e-5).rsqrt(), p, "gelu"))
+        y, mean, rstd, var = kernels.forward(x, w, b, call)
+        out[name] = (y, mean, rstd, var, *kernels.backward(dy, x, w, b, mean, rstd, call))
     for a, c in zip(out["tiny"], out["default"]):
         torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
 
@@ -326,12 +437,13 @@ def test_other_memory_formats():
     x = base.transpose(2, 3)  # neither contiguous nor channels_last
     assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     w, b = torch.rand(4) + 0.5, torch.randn(4)
-    y, mean, var = kernels.forward(x, w, b, p, 1e-5, "relu")
+    call = _call(p, 1e-5, "relu")
+    y, mean, rstd, var = kernels.forward(x, w, b, call)
     ref_y, cache = reference.forward(_np(x), _np(w), _np(b), 1e-5, p, "relu", "before")
     _close(y, ref_y, 2e-5, 1e-4, "y")
     xc = x.contiguous(memory_format=torch.channels_last)
     dy = torch.randn(3, 4, 5, 2)  # contiguous, while xc is channels_last
-    dx, dw, db = kernels.backward(dy, xc, w, b, mean, (var + 1e-5).rsqrt(), p, "relu")
+    dx, dw, db = kernels.backward(dy, xc, w, b, mean, rstd, call)
     ref_dx, ref_dw, ref_db = reference.backward(_np(dy), cache)
     assert dx.stride() == xc.stride()
     _close(dx, ref_dx, 1e-4, 1e-4, "dx")
@@ -425,4 +537,4 @@ def test_compiles_for_sm90():
     script = Path(__file__).with_name("aot_compile.py")
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "compiled 30 of 30" in run.stdout
+    assert "compiled 40 of 40" in run.stdout

@@ -202,3 +202,12 @@ def test_python_dash_m_normlab():
     res = subprocess.run([sys.executable, "-m", "normlab", "mnist", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--engine" in res.stdout and "--resume" in res.stdout
+
+
+def test_cli_version(capsys):
+    import normlab
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"normlab {normlab.__version__}"

@@ -1,7 +1,9 @@
 """Fused Triton kernels for batch, instance, group and layer norm with an optional activation (forward, eval,
 backward).
 
-The same two functions as :mod:`normlab.torch_ops`, with the same contract, plus :func:`supports`.
+The same functions as :mod:`normlab.torch_ops` (``forward``, ``backward``, ``update_running_stats``), with the same
+contract, plus :func:`supports`. The kernels produce ``rstd = 1 / sqrt(var + eps)`` with the output, for the input's
+own statistics and for given ones alike.
 :mod:`normlab.backend` chooses this module for CUDA tensors when Triton imports and :func:`supports` is True.
 Importing ``normlab`` never imports this package; importing this package imports Triton.
 
@@ -17,9 +19,10 @@ import os
 import torch
 
 from normlab.kernels import launch
-from normlab.spec import Plan
+from normlab.spec import Call, Plan, Running
+from normlab.torch_ops import update_running_stats
 
-__all__ = ["backward", "forward", "supports"]
+__all__ = ["backward", "forward", "supports", "update_running_stats"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,41 +44,51 @@ def _rows(p: Plan) -> bool:
     return not p.pool_batch and p.G == 1 and p.R == 1
 
 
-def _flat32(t: torch.Tensor) -> torch.Tensor:
-    """A statistic as the kernels read it: flat, contiguous float32."""
-    return t.reshape(-1).to(torch.float32).contiguous()
+def _stat32(t: torch.Tensor, p: Plan) -> torch.Tensor:
+    """A statistic as the kernels read it: the ``p.stat_shape`` values, flat, contiguous float32 (a ``(C,)`` one
+    given for per-sample statistics, as instance norm's running buffers, repeated for every sample)."""
+    t = t.to(torch.float32).reshape(-1, p.G)
+    return t.expand(p.stat_shape).contiguous().reshape(-1)
 
 
-def _act(activation: str | None) -> str:
-    return activation or ""
+def _activation(call: Call) -> launch.Activation:
+    return launch.Activation(call.activation, call.negative_slope, call.placement == "after")
 
 
-def forward(x, w, b, p: Plan, eps: float, activation=None, placement="before", stats=None):
-    """Normalize ``x`` (shape ``p.shape``); returns ``(y, mean, var)``. Same contract as
+def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
+    """Normalize ``x`` (shape ``call.plan.shape``); returns ``(y, mean, rstd, var)``. Same contract as
     :func:`normlab.torch_ops.forward`: y like x (dtype and memory format), float32 statistics of shape
-    ``p.stat_shape`` (for given ``stats``: those stats)."""
-    after = placement == "after"
+    ``p.stat_shape`` (with ``call.use_input_stats`` False: the given ``stats = (mean, var)`` as given, and their
+    rstd of shape ``p.stat_shape``). ``running``: buffers that take the input's own statistics, or None."""
+    p, act = call.plan, _activation(call)
+    if call.use_input_stats != (stats is None):
+        need = "stats=None" if call.use_input_stats else "stats=(mean, var)"
+        raise ValueError(f"use_input_stats={call.use_input_stats} needs {need}")
+    given = None if call.use_input_stats else (_stat32(stats[0], p), _stat32(stats[1], p))
     if _rows(p):
-        given = None if stats is None else tuple(_flat32(s) for s in stats)
-        y, mean, var = launch.layer_fwd(x, w, b, p.N, p.K, float(eps), _act(activation), after, given)
-        return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
-    common = (p.G, p.K, not p.pool_batch, float(eps), _act(activation), after)
-    if stats is None:
-        y, mean, var = launch.norm_fwd(x, w, b, *common)
+        y, mean, rstd, var = launch.layer_fwd(x, w, b, p.N, p.K, call.eps, act, given)
+    elif given is None:
+        y, mean, rstd, var = launch.norm_fwd(x, w, b, p.G, p.K, p.pool_batch, call.eps, act)
     else:
-        mean, var = _flat32(stats[0]), _flat32(stats[1])
-        y = launch.norm_apply(x, w, b, mean, var, *common)
-    return y, mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
+        mean, var = given
+        y, rstd = launch.norm_apply(x, w, b, mean, var, p.G, p.K, p.pool_batch, call.eps, act)
+    if given is not None:
+        return y, stats[0], rstd.reshape(p.stat_shape), stats[1]
+    mean, var = mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
+    if running is not None:
+        update_running_stats(running, mean, var, p.m)
+    return y, mean, rstd.reshape(p.stat_shape), var
 
 
-def backward(dy, x, w, b, mean, rstd, p: Plan, activation=None, placement="before", batch_stats=True):
-    """Gradients of :func:`forward`: ``(dx, dw, db)``, dw and db None when w and b are None (flat, in their
-    dtypes). Same contract as :func:`normlab.torch_ops.backward`."""
-    mean, rstd = _flat32(mean), _flat32(rstd)
-    act, after = _act(activation), placement == "after"
+def backward(dy, x, w, b, mean, rstd, call: Call, need_dx: bool = True):
+    """Gradients of :func:`forward`: ``(dx, dw, db)``; dx None unless ``need_dx``, dw and db None when w and b are
+    None (flat, in their dtypes). Same contract as :func:`normlab.torch_ops.backward`: ``mean`` and ``rstd`` of
+    shape ``p.stat_shape``, or ``(C,)`` given ones (constants when ``call.use_input_stats`` is False)."""
+    p, act = call.plan, _activation(call)
+    mean, rstd = _stat32(mean, p), _stat32(rstd, p)
     if _rows(p):
-        dx, dw, db = launch.layer_bwd(dy, x, w, b, mean, rstd, p.N, p.K, act, after, bool(batch_stats))
+        dx, dw, db = launch.layer_bwd(dy, x, w, b, mean, rstd, p.N, p.K, act, call.use_input_stats, need_dx)
     else:
-        dx, dw, db = launch.norm_bwd(dy, x, w, b, mean, rstd, p.G, p.K, not p.pool_batch, act, after,
-                                     bool(batch_stats))  # fmt: skip
+        dx, dw, db = launch.norm_bwd(dy, x, w, b, mean, rstd, p.G, p.K, p.pool_batch, act, call.use_input_stats,
+                                     need_dx)  # fmt: skip
     return dx, (None if w is None else dw), (None if b is None else db)

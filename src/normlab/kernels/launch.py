@@ -22,7 +22,8 @@ import torch
 import triton
 
 from normlab.kernels import norm
-from normlab.torch_ops import _is_channels_last
+from normlab.spec import LEAKY_SLOPE
+from normlab.torch_ops import is_channels_last
 
 
 @dataclass
@@ -43,6 +44,22 @@ TUNING = Tuning()
 
 
 @dataclass(frozen=True)
+class Activation:
+    """The fused activation as the kernels take it (constexprs: one compiled variant per value)."""
+
+    name: Optional[str] = None  # a name in normlab.spec.ACTIVATIONS, or None for none
+    slope: float = LEAKY_SLOPE  # leaky_relu's negative slope
+    after: bool = False  # the norm comes after the activation (y = norm(f(x))) instead of before (y = f(norm(x)))
+
+    def args(self) -> dict:
+        """The kernels' ``ACT``, ``SLOPE`` and ``AFTER``."""
+        return {"ACT": self.name, "SLOPE": float(self.slope), "AFTER": self.after and self.name is not None}
+
+
+NO_ACTIVATION = Activation()
+
+
+@dataclass(frozen=True)
 class _Geometry:
     N: int  # samples (1 when folded into R)
     C: int  # channels = G * K
@@ -52,13 +69,13 @@ class _Geometry:
     s_n: int
     s_c: int
     s_r: int
-    per_sample: bool
+    pool_batch: bool  # one statistic per group over the whole batch, else per sample
     m: int  # values per statistic
 
     @property
     def out(self) -> int:
         """Output rows of the reductions: one per sample, or one for the whole batch."""
-        return self.N if self.per_sample else 1
+        return 1 if self.pool_batch else self.N
 
     @property
     def S(self) -> int:
@@ -66,15 +83,15 @@ class _Geometry:
         return self.out * self.G
 
 
-def _geometry(x: torch.Tensor, G: int, K: int, per_sample: bool, channels_last: bool) -> _Geometry:
+def _geometry(x: torch.Tensor, G: int, K: int, pool_batch: bool, channels_last: bool) -> _Geometry:
     N, C = x.shape[0], x.shape[1]
     R = x.numel() // max(N * C, 1)
     s_n, s_c, s_r = (R * C, 1, C) if channels_last else (C * R, R, 1)
-    m = K * R * (1 if per_sample else N)
-    if not per_sample and (R == 1 or s_n == R * s_r):
+    m = K * R * (N if pool_batch else 1)
+    if pool_batch and (R == 1 or s_n == R * s_r):
         s_r = s_r if R > 1 else s_n
         N, R, s_n = 1, N * R, 0
-    return _Geometry(N, C, R, G, K, s_n, s_c, s_r, per_sample, m)
+    return _Geometry(N, C, R, G, K, s_n, s_c, s_r, pool_batch, m)
 
 
 def _pow2(v: int) -> int:
@@ -109,7 +126,7 @@ def _split(g: _Geometry, block_c: int, block_r: int, device: torch.device) -> tu
     """Row blocks of the reductions: ``(nrb, lim, T, BPP)``, so that ``OUT * T * cdiv(C, BLOCK_C)`` programs of
     ``BPP`` row blocks each keep every SM busy even when C is small."""
     nrb = triton.cdiv(g.R, block_r)
-    lim = nrb if g.per_sample else g.N * nrb
+    lim = g.N * nrb if g.pool_batch else nrb
     target = _target_programs(device)
     per_row = max(1, target // (g.out * triton.cdiv(g.C, block_c)))
     bpp = triton.cdiv(lim, min(lim, per_row))
@@ -118,7 +135,7 @@ def _split(g: _Geometry, block_c: int, block_r: int, device: torch.device) -> tu
 
 def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``x`` contiguous or channels_last (copied only when it is neither), and whether it is channels_last."""
-    if _is_channels_last(x):
+    if is_channels_last(x):
         return x, True
     return x.contiguous(), False
 
@@ -134,43 +151,37 @@ def _vec(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.reshape(-1).contiguous()
 
 
-def _act_args(activation: str, after: bool) -> dict:
-    return {"ACT": activation, "AFTER": bool(after and activation)}
-
-
-def _reduce_stats(x: torch.Tensor, g: _Geometry, activation: str, after: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduce_stats(x: torch.Tensor, g: _Geometry, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
     block_c, block_r, warps = _blocks(g)
     nrb, lim, T, bpp = _split(g, block_c, block_r, x.device)
     part = torch.empty((3, g.out, g.C, T), device=x.device, dtype=torch.float32)
     norm._stats_partial_kernel[(g.out * T, triton.cdiv(g.C, block_c))](
         x, part, g.C, g.R, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, g.K, bpp,
-        **_act_args(activation, after), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+        **act.args(), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
     mean = torch.empty(g.S, device=x.device, dtype=torch.float32)
     var = torch.empty(g.S, device=x.device, dtype=torch.float32)
     mb = TUNING.merge_block
     norm._stats_merge_kernel[(triton.cdiv(g.S, mb),)](
         part, x, mean, var, g.S, g.K * T, g.G, g.K, g.s_n, g.s_c,
-        **_act_args(activation, after), PER_SAMPLE=g.per_sample, BLOCK_S=mb, BLOCK_J=mb,
+        **act.args(), POOL_BATCH=g.pool_batch, BLOCK_S=mb, BLOCK_J=mb,
     )  # fmt: skip
     return mean, var
 
 
-def _apply(x, w, b, mean, var, g: _Geometry, eps: float, activation: str, after: bool) -> torch.Tensor:
+def _apply(x, w, b, mean, var, g: _Geometry, eps: float, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: x normalized with the flat float32 ``mean`` and ``var``, and ``1 / sqrt(var + eps)``."""
     y = torch.empty_like(x)
+    rstd = torch.empty_like(var)
     block_c, block_r, warps = _blocks(g)
     nrb = triton.cdiv(g.R, block_r)
     norm._apply_kernel[(g.N * nrb, triton.cdiv(g.C, block_c))](
-        x, y, _vec(w, mean), _vec(b, mean), mean, var, eps,
+        x, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps,
         g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
-        **_act_args(activation, after), PER_SAMPLE=g.per_sample, HAS_W=w is not None, HAS_B=b is not None,
+        **act.args(), POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None,
         BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
-    return y
-
-
-def _n_stats(x: torch.Tensor, G: int, per_sample: bool) -> int:
-    return (x.shape[0] if per_sample else 1) * G
+    return y, rstd
 
 
 def norm_fwd(
@@ -179,16 +190,16 @@ def norm_fwd(
     b: Optional[torch.Tensor],
     G: int,
     K: int,
-    per_sample: bool,
+    pool_batch: bool,
     eps: float,
-    activation: str,
-    after: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward: ``(y, mean, var)`` with the batch's own statistics (flat, float32)."""
+    act: Activation = NO_ACTIVATION,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward: ``(y, mean, rstd, var)`` with the input's own statistics (flat, float32)."""
     x, cl = _canonical(x)
-    g = _geometry(x, G, K, per_sample, cl)
-    mean, var = _reduce_stats(x, g, activation, after)
-    return _apply(x, w, b, mean, var, g, eps, activation, after), mean, var
+    g = _geometry(x, G, K, pool_batch, cl)
+    mean, var = _reduce_stats(x, g, act)
+    y, rstd = _apply(x, w, b, mean, var, g, eps, act)
+    return y, mean, rstd, var
 
 
 def norm_apply(
@@ -199,22 +210,23 @@ def norm_apply(
     var: torch.Tensor,
     G: int,
     K: int,
-    per_sample: bool,
+    pool_batch: bool,
     eps: float,
-    activation: str,
-    after: bool,
-) -> torch.Tensor:
-    """Eval forward: ``y`` normalized with the given float32 ``mean`` and ``var`` (flat, one per statistic)."""
+    act: Activation = NO_ACTIVATION,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval forward: ``(y, rstd)``, y normalized with the given float32 ``mean`` and ``var`` (flat, one per
+    statistic), ``rstd = 1 / sqrt(var + eps)``."""
     x, cl = _canonical(x)
-    g = _geometry(x, G, K, per_sample, cl)
-    return _apply(x, w, b, mean, var, g, eps, activation, after)
+    g = _geometry(x, G, K, pool_batch, cl)
+    return _apply(x, w, b, mean, var, g, eps, act)
 
 
-def _grad_buffers(x, w, b) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx, dw, db)`` outputs: dx like the canonical x; dw, db flat in w's and b's dtypes, empty when absent."""
+def _grad_buffers(x, w, b, need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(dx, dw, db)`` outputs: dx like the canonical x (None unless ``need_dx``); dw, db flat in w's and b's
+    dtypes, empty when absent."""
     dw = x.new_empty(w.numel() if w is not None else 0, dtype=w.dtype if w is not None else torch.float32)
     db = x.new_empty(b.numel() if b is not None else 0, dtype=b.dtype if b is not None else torch.float32)
-    return torch.empty_like(x), dw, db
+    return (torch.empty_like(x) if need_dx else None), dw, db
 
 
 def norm_bwd(
@@ -226,42 +238,45 @@ def norm_bwd(
     rstd: torch.Tensor,
     G: int,
     K: int,
-    per_sample: bool,
-    activation: str,
-    after: bool,
-    batch_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: ``(dx, dw, db)``; dw and db are empty when w or b is None (flat, in w's and b's dtype)."""
+    pool_batch: bool,
+    act: Activation = NO_ACTIVATION,
+    use_input_stats: bool = True,
+    need_dx: bool = True,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Backward: ``(dx, dw, db)``; dx None unless ``need_dx``; dw and db are empty when w or b is None (flat, in
+    w's and b's dtype). ``use_input_stats``: mean and rstd were the input's own and carry gradient."""
     x, cl = _canonical(x)
     dy = _like(dy, cl)
-    g = _geometry(x, G, K, per_sample, cl)
+    g = _geometry(x, G, K, pool_batch, cl)
     dev = x.device
     block_c, block_r, warps = _blocks(g)
     nrb, lim, T, bpp = _split(g, block_c, block_r, dev)
     grid_c = triton.cdiv(g.C, block_c)
-    flags = dict(PER_SAMPLE=g.per_sample, HAS_W=w is not None, HAS_B=b is not None)
+    flags = dict(POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None)
     w_, b_ = _vec(w, mean), _vec(b, mean)
     part = torch.empty((2, g.out, g.C, T), device=dev, dtype=torch.float32)
     norm._grad_partial_kernel[(g.out * T, grid_c)](
         dy, x, w_, b_, mean, rstd, part, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, bpp,
-        **_act_args(activation, after), **flags, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+        **act.args(), **flags, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
     q = torch.empty((2, g.out, g.C), device=dev, dtype=torch.float32)
-    dx, dw, db = _grad_buffers(x, w, b)
+    dx, dw, db = _grad_buffers(x, w, b, need_dx)
     mb = TUNING.merge_block
     norm._grad_merge_channels_kernel[(triton.cdiv(g.C, mb),)](
         part, q, dw if w is not None else q, db if b is not None else q, g.C, T, g.out,
         HAS_W=w is not None, HAS_B=b is not None, BLOCK_C=mb, BLOCK_T=mb,
     )  # fmt: skip
-    coef = mean  # placeholder pointer: never read without batch statistics
-    if batch_stats:
+    if not need_dx:
+        return dx, dw, db
+    coef = mean  # placeholder pointer: never read without the input's own statistics
+    if use_input_stats:
         coef = torch.empty((2, g.S), device=dev, dtype=torch.float32)
         norm._grad_merge_stats_kernel[(triton.cdiv(g.S, mb),)](
             q, w_, coef, g.S, g.G, g.K, 1.0 / g.m, HAS_W=w is not None, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)),
         )  # fmt: skip
     norm._dx_kernel[(g.N * nrb, grid_c)](
         dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
-        **_act_args(activation, after), **flags, BATCH_STATS=batch_stats,
+        **act.args(), **flags, USE_INPUT_STATS=use_input_stats,
         BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
     )  # fmt: skip
     return dx, dw, db
@@ -287,26 +302,28 @@ def layer_fwd(
     N: int,
     K: int,
     eps: float,
-    activation: str,
-    after: bool,
+    act: Activation = NO_ACTIVATION,
     stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward of the row path: ``(y, mean, var)``, statistics flat ``(N,)`` float32. ``x`` holds ``N`` rows of
-    ``K`` values in logical order; ``stats``: given flat float32 ``(mean, var)`` (eval), else the rows' own."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward of the row path: ``(y, mean, rstd, var)``, statistics flat ``(N,)`` float32. ``x`` holds ``N`` rows
+    of ``K`` values in logical order; ``stats``: given flat float32 ``(mean, var)`` (eval), else None for the rows'
+    own (then computed)."""
     xc = x.contiguous()
     y = torch.empty_like(xc)
-    if stats is None:
+    use_input_stats = stats is None
+    if use_input_stats:
         mean = torch.empty(N, device=x.device, dtype=torch.float32)
         var = torch.empty(N, device=x.device, dtype=torch.float32)
     else:
         mean, var = stats
+    rstd = torch.empty(N, device=x.device, dtype=torch.float32)
     block_n, block_k, single, warps = _row_blocks(K)
     norm._layer_fwd_kernel[(triton.cdiv(N, block_n),)](
-        xc, y, _vec(w, mean), _vec(b, mean), mean, var, eps, N, K,
-        **_act_args(activation, after), HAS_W=w is not None, HAS_B=b is not None, STATS_GIVEN=stats is not None,
+        xc, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps, N, K,
+        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
         SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
-    return y, mean, var
+    return y, mean, rstd, var
 
 
 def layer_bwd(
@@ -318,13 +335,14 @@ def layer_bwd(
     rstd: torch.Tensor,
     N: int,
     K: int,
-    activation: str,
-    after: bool,
-    batch_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the row path: ``(dx, dw, db)``; dw and db flat ``(K,)`` in w's and b's dtypes, empty when
-    absent. Each of ``P`` programs owns a run of row blocks and writes its own ``(K,)`` partial sums of dw and db;
-    a second kernel adds the ``P`` partials in index order (deterministic, no atomics)."""
+    act: Activation = NO_ACTIVATION,
+    use_input_stats: bool = True,
+    need_dx: bool = True,
+) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Backward of the row path: ``(dx, dw, db)``; dx None unless ``need_dx``; dw and db flat ``(K,)`` in w's and
+    b's dtypes, empty when absent. Each of ``P`` programs owns a run of row blocks and writes its own ``(K,)``
+    partial sums of dw and db; a second kernel adds the ``P`` partials in index order (deterministic, no
+    atomics)."""
     xc, dyc = x.contiguous(), dy.contiguous()
     dev = x.device
     block_n, block_k, single, warps = _row_blocks(K)
@@ -333,12 +351,12 @@ def layer_bwd(
     bpp = triton.cdiv(n_blocks, min(n_blocks, target))
     P = triton.cdiv(n_blocks, bpp)
     part = torch.zeros((2, P, K), device=dev, dtype=torch.float32)
-    dx, dw, db = _grad_buffers(xc, w, b)
+    dx, dw, db = _grad_buffers(xc, w, b, need_dx)
     w_, b_ = _vec(w, mean), _vec(b, mean)
     norm._layer_bwd_kernel[(P,)](
-        dyc, xc, dx, w_, b_, mean, rstd, part, N, K, bpp,
-        **_act_args(activation, after), HAS_W=w is not None, HAS_B=b is not None, BATCH_STATS=batch_stats,
-        SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        dyc, xc, xc if dx is None else dx, w_, b_, mean, rstd, part, N, K, bpp,
+        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
+        NEED_DX=need_dx, SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     if w is not None or b is not None:
         mb = TUNING.merge_block

@@ -2,21 +2,22 @@ r"""Triton kernels for batch, instance and group norm with a fused activation: f
 
 Every kernel addresses the input as ``(N, C, R)`` through strides ``(s_n, s_c, s_r)`` (NCHW: ``(C*R, R, 1)``;
 channels_last: ``(R*C, 1, C)``), with channel ``c`` in group ``g = c // K`` of the :mod:`normlab.spec` view
-``(N, G, K, R)``. A statistic ``s`` is ``g`` when pooling over the batch (batch norm) or ``n * G + g`` per sample.
-Work is cut into tiles of ``BLOCK_C`` channels by ``BLOCK_R`` positions; a "row block" is one tile's worth of
-positions ``(n, rb)``, ``rb = r // BLOCK_R``. With ``OUT`` = 1 (pooled) or N (per sample), the math, in the code's
-names (``a = x``, or ``f(x)`` when the activation comes ``AFTER`` the norm)::
+``(N, G, K, R)``. A statistic ``s`` is ``g`` when pooling over the batch (``POOL_BATCH``, batch norm) or
+``n * G + g`` per sample. Work is cut into tiles of ``BLOCK_C`` channels by ``BLOCK_R`` positions; a "row block" is
+one tile's worth of positions ``(n, rb)``, ``rb = r // BLOCK_R``. With ``OUT`` = 1 (pooled) or N (per sample), the
+math, in the code's names (``f`` the activation ``ACT``, leaky_relu with slope ``SLOPE``; ``a = x``, or ``f(x)``
+when the norm comes ``AFTER`` the activation)::
 
     forward   per tile t:    count_t, mean_t, m2_t of a - shift          (exact two-pass in registers; shift = one
                                                                            value of the statistic, read by all)
               per statistic:  mean, m2 = Chan-merge of its tiles in index order; mean += shift, var = m2 / count
-              per element:    xhat = (a - mean) * rstd,  rstd = 1 / sqrt(var + eps)
+              per element:    xhat = (a - mean) * rstd,  rstd = 1 / sqrt(var + eps) (stored once per statistic)
                               z = xhat * w + b,  y = f(z) (before) or z
     backward  per element:    dz = dy * f'(z) (before; z recomputed from x) or dy
               per tile t:     sdz_t = Σ dz,  sdzx_t = Σ dz * xhat        (per channel)
               per channel:    db = Σ_t sdz_t,  dw = Σ_t sdzx_t            (fixed order)
               per statistic:  c1 = Σ_c w * sdz / m,  c2 = Σ_c w * sdzx / m
-              per element:    da = rstd * (dz * w - c1 - xhat * c2)       (batch statistics; else rstd * dz * w)
+              per element:    da = rstd * (dz * w - c1 - xhat * c2)       (USE_INPUT_STATS; else rstd * dz * w)
                               dx = da * f'(x) (after) or da
 
 All accumulation is float32. Every sum runs in a fixed order over a fixed tiling and no kernel uses atomics, so
@@ -29,18 +30,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from normlab.spec import LEAKY_SLOPE
-
-_LEAKY_SLOPE = tl.constexpr(LEAKY_SLOPE)
-
 
 @triton.jit
-def _act(v, ACT: tl.constexpr):
-    """The activation ``f(v)`` named by ``ACT`` (``""``: identity); the Triton twin of normlab.activations."""
+def _act(v, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """The activation ``f(v)`` named by ``ACT`` (None: identity), leaky_relu with negative slope ``SLOPE``; the
+    Triton twin of normlab.activations."""
     if ACT == "relu":
         out = tl.maximum(v, 0.0)
     elif ACT == "leaky_relu":
-        out = tl.where(v > 0, v, _LEAKY_SLOPE * v)
+        out = tl.where(v > 0, v, SLOPE * v)
     elif ACT == "sigmoid":
         out = tl.sigmoid(v)
     elif ACT == "tanh":
@@ -55,12 +53,12 @@ def _act(v, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(v, ACT: tl.constexpr):
-    """``f'(v)`` at the pre-activation value ``v``."""
+def _act_grad(v, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """``f'(v)`` at the pre-activation value ``v`` (None: 1)."""
     if ACT == "relu":
         out = tl.where(v > 0, 1.0, 0.0)
     elif ACT == "leaky_relu":
-        out = tl.where(v > 0, 1.0, _LEAKY_SLOPE)
+        out = tl.where(v > 0, 1.0, SLOPE)
     elif ACT == "sigmoid":
         s = tl.sigmoid(v)
         out = s * (1.0 - s)
@@ -103,23 +101,23 @@ def _row_block(o, blk, lim, nrb, R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _stat_index(n, c, G, K, PER_SAMPLE: tl.constexpr):
+def _stat_index(n, c, G, K, POOL_BATCH: tl.constexpr):
     """The statistic channel ``c`` of sample ``n`` belongs to."""
-    if PER_SAMPLE:
-        s = n * G + c // K
-    else:
+    if POOL_BATCH:
         s = c // K
+    else:
+        s = n * G + c // K
     return s
 
 
 @triton.jit
-def _shift(x_ptr, n, c, c_mask, K, s_n, s_c, ACT: tl.constexpr, AFTER: tl.constexpr):
+def _shift(x_ptr, n, c, c_mask, K, s_n, s_c, ACT: tl.constexpr, SLOPE: tl.constexpr, AFTER: tl.constexpr):
     """One value of each channel's statistic, ``a`` at (sample ``n``, first channel of the group, position 0).
     Tiles and the merge work with ``a - shift``: deviations small next to a large mean keep their precision when
     partial means are stored and merged in float32."""
     a = tl.load(x_ptr + n.to(tl.int64) * s_n + (c // K * K) * s_c, mask=c_mask, other=0.0).to(tl.float32)
     if AFTER:
-        a = _act(a, ACT)
+        a = _act(a, ACT, SLOPE)
     return a
 
 
@@ -136,7 +134,8 @@ def _stats_partial_kernel(
     OUT,  # output rows: 1 (pooled) or N (per sample)
     K,  # channels per group
     BPP,  # row blocks per tile
-    ACT: tl.constexpr,  # activation name, "" for none
+    ACT: tl.constexpr,  # activation name, None for none
+    SLOPE: tl.constexpr,  # leaky_relu's negative slope
     AFTER: tl.constexpr,  # the activation comes before the norm: statistics of f(x)
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_R: tl.constexpr,  # positions per row block
@@ -148,7 +147,7 @@ def _stats_partial_kernel(
     c_mask = c < C
     r = tl.arange(0, BLOCK_R)
     offs = c[:, None] * s_c + r[None, :] * s_r
-    shift = _shift(x_ptr, o, c, c_mask, K, s_n, s_c, ACT, AFTER)  # per sample, output row o is sample o
+    shift = _shift(x_ptr, o, c, c_mask, K, s_n, s_c, ACT, SLOPE, AFTER)  # per sample, output row o is sample o
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -159,7 +158,7 @@ def _stats_partial_kernel(
         base = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r
         a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         if AFTER:
-            a = _act(a, ACT)
+            a = _act(a, ACT, SLOPE)
         a = tl.where(mask, a - shift[:, None], 0.0)
         nb = tl.sum(r_mask.to(tl.float32), axis=0)
         nb1 = tl.maximum(nb, 1.0)
@@ -190,9 +189,10 @@ def _stats_merge_kernel(
     J,  # tiles per statistic
     G, K,  # groups, channels per group
     s_n, s_c,  # strides of x
-    ACT: tl.constexpr,
+    ACT: tl.constexpr,  # as in _stats_partial_kernel
+    SLOPE: tl.constexpr,
     AFTER: tl.constexpr,
-    PER_SAMPLE: tl.constexpr,
+    POOL_BATCH: tl.constexpr,  # one statistic per group over the whole batch (s = g) instead of per sample
     BLOCK_S: tl.constexpr,  # statistics per program
     BLOCK_J: tl.constexpr,  # tiles merged per step
 ):
@@ -200,11 +200,11 @@ def _stats_merge_kernel(
     s_mask = s < S
     plane = S * J
     row = part_ptr + s[:, None] * J
-    if PER_SAMPLE:
-        n = s // G
-    else:
+    if POOL_BATCH:
         n = s * 0
-    shift = _shift(x_ptr, n, (s % G) * K, s_mask, K, s_n, s_c, ACT, AFTER)
+    else:
+        n = s // G
+    shift = _shift(x_ptr, n, (s % G) * K, s_mask, K, s_n, s_c, ACT, SLOPE, AFTER)
     count = tl.zeros([BLOCK_S], dtype=tl.float32)
     mean = tl.zeros([BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -228,16 +228,21 @@ def _stats_merge_kernel(
 
 
 @triton.jit
-def _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
+def _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, POOL_BATCH: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_R: tl.constexpr):
     """This program's tile of an element-wise kernel (grid ``(N * nrb, cdiv(C, BLOCK_C))``): its channels ``c``
-    and their mask, their statistic ``s``, the element offsets ``offs`` and the element mask."""
+    and their mask, their statistic ``s``, the element offsets ``offs``, the element mask, and ``first``: the tile
+    starts at position 0 of its statistics' first sample (sample 0 when pooled, else its own), so that the tile
+    holding a statistic's first value (``first`` and the group's first channel) is one program's."""
     n, r0, valid = _row_block(0, tl.program_id(0), tl.num_programs(0), nrb, R, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     r = tl.arange(0, BLOCK_R)
     offs = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r + c[:, None] * s_c + r[None, :] * s_r
-    return c, c_mask, _stat_index(n, c, G, K, PER_SAMPLE), offs, c_mask[:, None] & (r < valid)[None, :]
+    first = r0 == 0
+    if POOL_BATCH:
+        first = first & (n == 0)
+    return c, c_mask, _stat_index(n, c, G, K, POOL_BATCH), offs, c_mask[:, None] & (r < valid)[None, :], first
 
 
 @triton.jit
@@ -248,29 +253,34 @@ def _apply_kernel(
     b_ptr,  # (C,) bias; unused without HAS_B
     mean_ptr,  # (S,) float32 statistics: mean ...
     var_ptr,  # ... and biased variance
+    rstd_ptr,  # out (S,) float32: 1 / sqrt(var + eps), written by the program holding the statistic's first value
     eps,  # added to the variance
     C, R, G, K,  # channels, positions per sample, groups, channels per group
     s_n, s_c, s_r,  # strides of x and y
     nrb,  # row blocks per sample
-    ACT: tl.constexpr,  # activation name, "" for none
+    ACT: tl.constexpr,  # activation name, None for none
+    SLOPE: tl.constexpr,  # leaky_relu's negative slope
     AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
-    PER_SAMPLE: tl.constexpr,  # statistics per sample instead of pooled over the batch
+    POOL_BATCH: tl.constexpr,  # statistics pooled over the batch instead of per sample
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    c, c_mask, s, offs, mask = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE, BLOCK_C, BLOCK_R)
+    c, c_mask, s, offs, mask, first = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, POOL_BATCH, BLOCK_C,
+                                                        BLOCK_R)  # fmt: skip
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = 1.0 / tl.sqrt(tl.load(var_ptr + s, mask=c_mask, other=1.0) + eps)
+    if first:  # one writer per statistic: the tile of its first value, at the group's first channel
+        tl.store(rstd_ptr + s, rstd, mask=c_mask & (c % K == 0))
     w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
     scale = rstd * w
     a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if AFTER:
-        a = _act(a, ACT)
+        a = _act(a, ACT, SLOPE)
     z = (a - mean[:, None]) * scale[:, None] + b[:, None]
     if not AFTER:
-        z = _act(z, ACT)
+        z = _act(z, ACT, SLOPE)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -286,9 +296,10 @@ def _grad_partial_kernel(
     C, R, G, K,
     s_n, s_c, s_r,
     nrb, lim, T, OUT, BPP,  # as in _stats_partial_kernel
-    ACT: tl.constexpr,
+    ACT: tl.constexpr,  # as in _apply_kernel
+    SLOPE: tl.constexpr,
     AFTER: tl.constexpr,
-    PER_SAMPLE: tl.constexpr,
+    POOL_BATCH: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -301,7 +312,7 @@ def _grad_partial_kernel(
     c_mask = c < C
     r = tl.arange(0, BLOCK_R)
     offs = c[:, None] * s_c + r[None, :] * s_r
-    s = _stat_index(o, c, G, K, PER_SAMPLE)  # per sample, output row o is sample o
+    s = _stat_index(o, c, G, K, POOL_BATCH)  # per sample, output row o is sample o
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
     w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
@@ -314,10 +325,10 @@ def _grad_partial_kernel(
         a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         if AFTER:
-            a = _act(a, ACT)
+            a = _act(a, ACT, SLOPE)
         xhat = (a - mean[:, None]) * rstd[:, None]
         if not AFTER:
-            dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT)
+            dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT, SLOPE)
         xhat = tl.where(mask, xhat, 0.0)
         sdz += tl.sum(dz, axis=1)
         sdzx += tl.sum(dz * xhat, axis=1)
@@ -400,21 +411,22 @@ def _dx_kernel(
     b_ptr,  # (C,) bias; unused without HAS_B
     mean_ptr,  # (S,) float32
     rstd_ptr,  # (S,) float32
-    c_ptr,  # (2, S) float32 from _grad_merge_stats_kernel; unused without BATCH_STATS
+    c_ptr,  # (2, S) float32 from _grad_merge_stats_kernel; unused without USE_INPUT_STATS
     S,  # statistics
     C, R, G, K,
     s_n, s_c, s_r,
     nrb,
-    ACT: tl.constexpr,
+    ACT: tl.constexpr,  # as in _apply_kernel
+    SLOPE: tl.constexpr,
     AFTER: tl.constexpr,
-    PER_SAMPLE: tl.constexpr,
+    POOL_BATCH: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
-    BATCH_STATS: tl.constexpr,  # the statistics were the batch's own and carry gradient
+    USE_INPUT_STATS: tl.constexpr,  # the statistics were the input's own and carry gradient
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    c, c_mask, s, offs, mask = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, PER_SAMPLE, BLOCK_C, BLOCK_R)
+    c, c_mask, s, offs, mask, _ = _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, POOL_BATCH, BLOCK_C, BLOCK_R)
     mean = tl.load(mean_ptr + s, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + s, mask=c_mask, other=0.0)
     w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
@@ -422,18 +434,18 @@ def _dx_kernel(
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = x
     if AFTER:
-        a = _act(x, ACT)
+        a = _act(x, ACT, SLOPE)
     xhat = (a - mean[:, None]) * rstd[:, None]
     if not AFTER:
-        dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT)
-    if BATCH_STATS:
+        dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT, SLOPE)
+    if USE_INPUT_STATS:
         c1 = tl.load(c_ptr + s, mask=c_mask, other=0.0)
         c2 = tl.load(c_ptr + S + s, mask=c_mask, other=0.0)
         da = (dz * w[:, None] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
     else:
         da = dz * (w * rstd)[:, None]
     if AFTER:
-        da = da * _act_grad(x, ACT)
+        da = da * _act_grad(x, ACT, SLOPE)
     tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -442,11 +454,12 @@ def _dx_kernel(
 # BLOCK_K columns. With SINGLE (K <= BLOCK_K) a row block is loaded once and stays in registers from its
 # statistics to its output; otherwise each row block loops over chunks of BLOCK_K columns, twice.
 #
-#     forward   per row:      mean, var of a (two-pass in registers; chunks: Chan-merge around shift = a[n, 0])
+#     forward   per row:      mean, var of a (two-pass in registers; chunks: Chan-merge around shift = a[n, 0]),
+#                             rstd = 1 / sqrt(var + eps)
 #               per element:  xhat = (a - mean) * rstd,  z = xhat * w + b,  y = f(z) (before) or z
 #     backward  per element:  dz = dy * f'(z) (before) or dy,  g = dz * w
 #               per row:      c1 = Σ_k g / K,  c2 = Σ_k g * xhat / K
-#               per element:  dx = rstd * (g - c1 - xhat * c2) (batch statistics; else rstd * g), * f'(x) (after)
+#               per element:  dx = rstd * (g - c1 - xhat * c2) (USE_INPUT_STATS; else rstd * g), * f'(x) (after)
 #               per column:   dw = Σ_n dz * xhat,  db = Σ_n dz: per program over its rows, then summed over the
 #                             programs in index order by _layer_grad_merge_kernel (no atomics)
 
@@ -457,16 +470,18 @@ def _layer_fwd_kernel(
     y_ptr,  # out (N, K), same layout
     w_ptr,  # (K,) weight, any float dtype; unused without HAS_W
     b_ptr,  # (K,) bias; unused without HAS_B
-    mean_ptr,  # (N,) float32: out, or in with STATS_GIVEN
-    var_ptr,  # (N,) float32 biased variance: out, or in with STATS_GIVEN
+    mean_ptr,  # (N,) float32: out with USE_INPUT_STATS, else in
+    var_ptr,  # (N,) float32 biased variance: out with USE_INPUT_STATS, else in
+    rstd_ptr,  # out (N,) float32: 1 / sqrt(var + eps)
     eps,  # added to the variance
     N,  # rows (statistics)
     K,  # row length (values per statistic)
-    ACT: tl.constexpr,  # activation name, "" for none
+    ACT: tl.constexpr,  # activation name, None for none
+    SLOPE: tl.constexpr,  # leaky_relu's negative slope
     AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
     HAS_W: tl.constexpr,  # w is given
     HAS_B: tl.constexpr,  # b is given
-    STATS_GIVEN: tl.constexpr,  # normalize with mean_ptr and var_ptr (eval) instead of the rows' own statistics
+    USE_INPUT_STATS: tl.constexpr,  # normalize with the rows' own statistics, else with mean_ptr, var_ptr (eval)
     SINGLE: tl.constexpr,  # K <= BLOCK_K: one tile holds whole rows
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # columns per tile
@@ -476,15 +491,15 @@ def _layer_fwd_kernel(
     row0 = rows.to(tl.int64) * K
     base = row0[:, None]
     k = tl.arange(0, BLOCK_K)
-    if STATS_GIVEN:
+    if not USE_INPUT_STATS:
         mean = tl.load(mean_ptr + rows, mask=n_mask, other=0.0)
         var = tl.load(var_ptr + rows, mask=n_mask, other=1.0)
     if SINGLE:
         mask = n_mask[:, None] & (k < K)[None, :]
         a = tl.load(x_ptr + base + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if AFTER:
-            a = _act(a, ACT)
-        if not STATS_GIVEN:
+            a = _act(a, ACT, SLOPE)
+        if USE_INPUT_STATS:
             a = tl.where(mask, a, 0.0)
             mean_0 = tl.sum(a, axis=1) / K  # first pass; the second corrects its rounding
             d = tl.where(mask, a - mean_0[:, None], 0.0)
@@ -495,13 +510,13 @@ def _layer_fwd_kernel(
         w, b = _load_affine(w_ptr, b_ptr, k, k < K, HAS_W, HAS_B)
         z = (a - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
         if not AFTER:
-            z = _act(z, ACT)
+            z = _act(z, ACT, SLOPE)
         tl.store(y_ptr + base + k[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        if not STATS_GIVEN:
+        if USE_INPUT_STATS:
             shift = tl.load(x_ptr + row0, mask=n_mask, other=0.0).to(tl.float32)
             if AFTER:
-                shift = _act(shift, ACT)
+                shift = _act(shift, ACT, SLOPE)
             count = tl.zeros([BLOCK_N], dtype=tl.float32)
             mean = tl.zeros([BLOCK_N], dtype=tl.float32)
             m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -510,7 +525,7 @@ def _layer_fwd_kernel(
                 mask = n_mask[:, None] & (kk < K)[None, :]
                 a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                 if AFTER:
-                    a = _act(a, ACT)
+                    a = _act(a, ACT, SLOPE)
                 a = tl.where(mask, a - shift[:, None], 0.0)
                 nb = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
                 mean_0 = tl.sum(a, axis=1) / nb
@@ -532,31 +547,32 @@ def _layer_fwd_kernel(
             mask = n_mask[:, None] & k_mask[None, :]
             a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
             if AFTER:
-                a = _act(a, ACT)
+                a = _act(a, ACT, SLOPE)
             z = (a - mean[:, None]) * rstd[:, None]
             if HAS_W:
                 z = z * tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_B:
                 z = z + tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             if not AFTER:
-                z = _act(z, ACT)
+                z = _act(z, ACT, SLOPE)
             tl.store(y_ptr + base + kk[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
-    if not STATS_GIVEN:
+    if USE_INPUT_STATS:
         tl.store(mean_ptr + rows, mean, mask=n_mask)
         tl.store(var_ptr + rows, var, mask=n_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=n_mask)
 
 
 @triton.jit
-def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, AFTER: tl.constexpr):
+def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, SLOPE: tl.constexpr, AFTER: tl.constexpr):
     """``(xhat, dz)`` of a (rows, columns) tile, both 0 outside ``mask``; ``dz = dy * f'(z)`` with ``z = xhat * w + b``
     recomputed ("before"), else ``dy``."""
     a = x
     if AFTER:
-        a = _act(x, ACT)
+        a = _act(x, ACT, SLOPE)
     xhat = tl.where(mask, (a - mean[:, None]) * rstd[:, None], 0.0)
     dz = dy
     if not AFTER:
-        dz = dy * _act_grad(xhat * w[None, :] + b[None, :], ACT)
+        dz = dy * _act_grad(xhat * w[None, :] + b[None, :], ACT, SLOPE)
     return xhat, tl.where(mask, dz, 0.0)
 
 
@@ -564,7 +580,7 @@ def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, AFTER: tl.conste
 def _layer_bwd_kernel(
     dy_ptr,  # gradient of y, (N, K) rows contiguous
     x_ptr,  # input, same layout
-    dx_ptr,  # out, same layout
+    dx_ptr,  # out, same layout; unused without NEED_DX
     w_ptr,  # (K,) weight; unused without HAS_W
     b_ptr,  # (K,) bias; unused without HAS_B
     mean_ptr,  # (N,) float32 statistics used by the forward
@@ -573,11 +589,13 @@ def _layer_bwd_kernel(
     N,  # rows
     K,  # row length
     BPP,  # row blocks (of BLOCK_N rows) per program; program p owns blocks p * BPP ... p * BPP + BPP - 1
-    ACT: tl.constexpr,  # activation name, "" for none
+    ACT: tl.constexpr,  # activation name, None for none
+    SLOPE: tl.constexpr,  # leaky_relu's negative slope
     AFTER: tl.constexpr,  # activation before the norm
     HAS_W: tl.constexpr,  # w is given
     HAS_B: tl.constexpr,  # b is given
-    BATCH_STATS: tl.constexpr,  # the statistics were the rows' own and carry gradient
+    USE_INPUT_STATS: tl.constexpr,  # the statistics were the rows' own and carry gradient
+    NEED_DX: tl.constexpr,  # compute dx (else only the partials of dw and db)
     SINGLE: tl.constexpr,  # K <= BLOCK_K: one tile holds whole rows
     BLOCK_N: tl.constexpr,  # rows per row block
     BLOCK_K: tl.constexpr,  # columns per tile
@@ -599,19 +617,20 @@ def _layer_bwd_kernel(
             rstd = tl.load(rstd_ptr + rows, mask=n_mask, other=0.0)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
+            xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
             db += tl.sum(dz, axis=0)
             dw += tl.sum(dz * xhat, axis=0)
-            g = dz * w[None, :]
-            if BATCH_STATS:
-                c1 = tl.sum(g, axis=1) / K
-                c2 = tl.sum(g * xhat, axis=1) / K
-                da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-            else:
-                da = g * rstd[:, None]
-            if AFTER:
-                da = da * _act_grad(x, ACT)
-            tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
+            if NEED_DX:
+                g = dz * w[None, :]
+                if USE_INPUT_STATS:
+                    c1 = tl.sum(g, axis=1) / K
+                    c2 = tl.sum(g * xhat, axis=1) / K
+                    da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+                else:
+                    da = g * rstd[:, None]
+                if AFTER:
+                    da = da * _act_grad(x, ACT, SLOPE)
+                tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + pid * K + k, dw, mask=k_mask)
         tl.store(part_ptr + plane + pid * K + k, db, mask=k_mask)
     else:
@@ -623,7 +642,7 @@ def _layer_bwd_kernel(
             rstd = tl.load(rstd_ptr + rows, mask=n_mask, other=0.0)
             c1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             c2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if BATCH_STATS:  # first sweep: the row sums c1, c2
+            if USE_INPUT_STATS and NEED_DX:  # first sweep: the row sums c1, c2
                 for k0 in range(0, K, BLOCK_K):
                     kk = k0 + k
                     k_mask = kk < K
@@ -631,7 +650,7 @@ def _layer_bwd_kernel(
                     w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                     x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                     dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-                    xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
+                    xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
                     g = dz * w[None, :]
                     c1 += tl.sum(g, axis=1)
                     c2 += tl.sum(g * xhat, axis=1)
@@ -644,12 +663,13 @@ def _layer_bwd_kernel(
                 w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                 x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, AFTER)
-                g = dz * w[None, :]
-                da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-                if AFTER:
-                    da = da * _act_grad(x, ACT)
-                tl.store(dx_ptr + base + kk[None, :], da.to(dx_ptr.dtype.element_ty), mask=mask)
+                xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
+                if NEED_DX:
+                    g = dz * w[None, :]
+                    da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+                    if AFTER:
+                        da = da * _act_grad(x, ACT, SLOPE)
+                    tl.store(dx_ptr + base + kk[None, :], da.to(dx_ptr.dtype.element_ty), mask=mask)
                 p_dw = part_ptr + pid * K + kk  # this program's own row of the partials: no other program writes it
                 tl.store(p_dw, tl.load(p_dw, mask=k_mask, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
                 p_db = p_dw + plane

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import normlab
+
 # --quick, the demo: long enough for BN to pull ahead, short enough for well under a minute on two CPU cores.
 QUICK = {"steps": 4000, "eval_every": 250}
 
@@ -101,6 +103,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 def build_parser() -> argparse.ArgumentParser:
     """The ``normlab`` argument parser with one subparser per entry of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(prog="normlab", description="normlab's lab: experiments from the BN paper.")
+    parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add, handler) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
