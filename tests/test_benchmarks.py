@@ -21,11 +21,15 @@ def _run(args, tmp_path, **env):
 
 def test_cpu_benchmark_runs(tmp_path):
     out = tmp_path / "cpu.json"
-    run = _run(["benchmarks/cpu.py", "--repeat", "1", "--json", str(out)], tmp_path)
+    run = _run(["benchmarks/cpu.py", "--quick", "--threads", "1", "--json", str(out)], tmp_path)
     assert run.returncode == 0, run.stderr
-    rows = json.loads(out.read_text())
-    assert [r["layer"] for r in rows] == ["BatchNorm2d", "BatchNorm2d", "BatchNorm1d"]
-    assert all(r["torch_ms"] > 0 and r["normlab_ms"] > 0 for r in rows)
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert len(rows) == 12 and {r["layer"] for r in rows} == {"BatchNorm1d", "BatchNorm2d", "LayerNorm", "GroupNorm",
+                                                              "InstanceNorm2d"}
+    assert all(r["train_torch_ms"] > 0 and r["train_normlab_ms"] > 0 and r["eval_normlab_ms"] > 0 for r in rows)
+    assert all(r["max_diff"] < 1e-4 for r in rows)  # each row checked its outputs first
+    assert len(result["summary"]) == 4 and result["header"]["commit"]
 
 
 def test_gpu_benchmark_dry_run(tmp_path):

@@ -234,3 +234,17 @@ def test_numba_results_do_not_depend_on_the_thread_count():
     for one, two in zip(results[:2], results[2:]):
         for a, b_ in zip(one, two):
             assert torch.equal(a, b_)
+
+
+def test_torch_thread_count_is_left_alone():
+    """numba's OpenMP layer binds to torch's libgomp, and starting it set that library's thread count to every core:
+    a one-thread training process ran two. Checked in a fresh process, where the layer has not started yet."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1); import normlab.nn as nl; "
+            "nl.BatchNorm1d(4)(torch.randn(8, 4, requires_grad=True)).sum().backward(); print(torch.get_num_threads())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "NORMLAB_BACKEND": "numba"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "1"

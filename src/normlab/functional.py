@@ -49,9 +49,11 @@ def _grads(impl, call: Call, need, dy, x, w, b, mean, rstd):
     if torch.is_grad_enabled():  # create_graph=True: autograd through the textbook forward
         return _autograd_backward(call, need, dy, x, w, b, mean, rstd)
     dx, dw, db = impl.backward(dy, x, w, b, mean, rstd, call, need[0])
-    dw = dw.reshape(w.shape) if need[1] else None  # backends return flat (G*K,); layer norm's w is (*D)
-    db = db.reshape(b.shape) if need[2] else None
-    return dx, dw, db
+    if need[1] and w.dim() > 1:  # backends return flat (G*K,); layer norm's w is (*D)
+        dw = dw.reshape(w.shape)
+    if need[2] and b.dim() > 1:
+        db = db.reshape(b.shape)
+    return dx, dw if need[1] else None, db if need[2] else None
 
 
 def _autograd_backward(call: Call, need, dy, x, w, b, mean, rstd):
@@ -211,15 +213,17 @@ def check_momentum(momentum: float | None, who: str = "momentum") -> None:
         raise ValueError(f"{who} must be None or a number in [0, 1], got {momentum!r}")
 
 
-def _check_shapes(shape: tuple[int, ...], what: str, **tensors) -> None:
-    """Each given tensor must have ``shape``; the error names the argument, the expected and the actual shape."""
-    for name, t in tensors.items():
-        if t is not None and t.shape != shape:
+def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
+    """Each given ``(name, tensor)`` must have ``shape``; the error names the argument, the expected and the actual
+    shape, and says what the shape is (``what``: text, or a function giving it, called only on failure)."""
+    for name, t in named:
+        if t is not None and tuple(t.shape) != shape:
+            what = what() if callable(what) else what
             raise ValueError(f"{name} must have shape {shape} ({what}), got shape {tuple(t.shape)}")
 
 
-def _per_channel(input: torch.Tensor, p: spec.Plan, **tensors) -> None:
-    _check_shapes((p.affine_size,), f"one per channel of the input of shape {tuple(input.shape)}", **tensors)
+def _per_channel(input: torch.Tensor, p: spec.Plan, *named) -> None:
+    _check_shapes((p.affine_size,), lambda: f"one per channel of the input of shape {tuple(input.shape)}", *named)
 
 
 # ---- the four norms ---------------------------------------------------------------------------------------------
@@ -255,7 +259,8 @@ def batch_norm(
     check_momentum(momentum)
     call = _call("batch", input.shape, eps, activation, placement, negative_slope, bool(training))
     p = call.plan
-    _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _per_channel(input, p, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                 ("bias", bias))
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must both be given or both be None; got {missing}=None")
@@ -298,7 +303,8 @@ def instance_norm(
     check_momentum(momentum)
     call = _call("instance", input.shape, eps, activation, placement, negative_slope, bool(use_input_stats))
     p = call.plan
-    _per_channel(input, p, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _per_channel(input, p, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                 ("bias", bias))
     if use_input_stats:
         if p.R == 1:
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
@@ -326,7 +332,7 @@ def group_norm(
     """
     _check_tensor(input)
     call = _call("group", input.shape, eps, activation, placement, negative_slope, groups=num_groups)
-    _per_channel(input, call.plan, weight=weight, bias=bias)
+    _per_channel(input, call.plan, ("weight", weight), ("bias", bias))
     return _norm(input, weight, bias, call)
 
 
@@ -352,6 +358,6 @@ def layer_norm(
         raise ValueError(
             f"layer_norm: input must end in normalized_shape {shape}, got input of shape {tuple(input.shape)}"
         )
-    _check_shapes(shape, "normalized_shape", weight=weight, bias=bias)
+    _check_shapes(shape, "normalized_shape", ("weight", weight), ("bias", bias))
     call = _call("layer", input.shape, eps, activation, placement, negative_slope, normalized_ndim=k)
     return _norm(input, weight, bias, call)

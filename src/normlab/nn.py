@@ -92,23 +92,27 @@ class _BatchNorm(_Fused):
                 f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+        # Parameters and buffers straight from their dicts: Module.__getattr__ costs as much as a small norm.
+        params, buffers = self._parameters, self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         track = self.training and self.track_running_stats
-        use_input_stats = self.training or self.running_mean is None
         pass_buffers = not self.training or self.track_running_stats
         y = F.batch_norm(
             input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_input_stats,
+            running_mean if pass_buffers else None,
+            running_var if pass_buffers else None,
+            params["weight"],
+            params["bias"],
+            self.training or running_mean is None,
             self.momentum,
             self.eps,
-            **self._fused(),
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            num_skipped=self.num_skipped_updates if track else None,
+            self.activation,
+            self.placement,
+            negative_slope=self.negative_slope,
+            num_batches_tracked=buffers["num_batches_tracked"] if track else None,
+            num_skipped=buffers["num_skipped_updates"] if track else None,
         )
-        if track and not self._warned_skipped and input.device.type == "cpu":
+        if track and not self._warned_skipped and input.is_cpu:
             self._warn_skipped()
         return y
 
@@ -120,7 +124,7 @@ class _BatchNorm(_Fused):
     def _warn_skipped(self) -> None:
         if self._warned_skipped or torch.compiler.is_compiling():
             return
-        skipped = int(self.num_skipped_updates)
+        skipped = int(self._buffers["num_skipped_updates"])
         if skipped:
             self._warned_skipped = True
             warnings.warn(

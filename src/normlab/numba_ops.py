@@ -38,6 +38,7 @@ import math
 import threading
 
 import numba
+import numba.np.ufunc.parallel
 import numpy as np
 import torch
 from numba import prange, types
@@ -469,7 +470,7 @@ def _channels_stats(x, coef, part, act_in, slope, T, t0, t1):
     mean of each channel's first tile of rows, is taken by every task alike (task 0 stores it in coef)."""
     C = coef.shape[1]
     M = x.shape[0] // C
-    r = max(1, TILE // C)
+    r = max(1, min(TILE // C, M))  # rows per tile
     buf = np.empty(r * C, x.dtype)
     first = np.zeros(C)
     _fold(_tile(x, 0, min(r, M) * C, buf, act_in, slope).copy(), first)
@@ -525,7 +526,7 @@ def _channels_apply(x, y, coef, act_in, act_out, slope, T, t0, t1):
     """``y = f?(((a - shift) - dmean) * sc + b)`` for the rows of tasks [t0, t1)."""
     C = coef.shape[1]
     M = x.shape[0] // C
-    r = max(1, TILE // C)
+    r = max(1, min(TILE // C, M))  # rows per tile
     shift_r, dm_r, sc_r, b_r = _rep(coef[_SHIFT], r), _rep(coef[_DMEAN], r), _rep(coef[_SC], r), _rep(coef[_B], r)
     buf = np.empty(r * C, x.dtype)
     j1 = t1 * M // T
@@ -557,7 +558,7 @@ def _channels_centered(x, coef, part, act_in, slope, T, t0, t1):
     """Σ (a - mu) per channel of tasks [t0, t1) into ``part[:, 0]`` (the zl pass)."""
     C = coef.shape[1]
     M = x.shape[0] // C
-    r = max(1, TILE // C)
+    r = max(1, min(TILE // C, M))  # rows per tile
     mu_r = _rep(coef[_MU], r)
     buf = np.empty(r * C, x.dtype)
     acc = np.zeros(r * C, x.dtype)
@@ -575,7 +576,7 @@ def _channels_sums(dy, x, coef, part, act_in, act_z, slope, T, t0, t1):
     """Σ dz, Σ dz (a - mu), Σ (a - mu) per channel of tasks [t0, t1) into ``part`` ``(T, 3, C)``."""
     C = coef.shape[1]
     M = x.shape[0] // C
-    r = max(1, TILE // C)
+    r = max(1, min(TILE // C, M))  # rows per tile
     mu_r, sc_r, bz_r = _rep(coef[_MU], r), _rep(coef[_SC], r), _rep(coef[_BZ], r)
     bufs = (np.empty(r * C, x.dtype), np.empty(r * C, x.dtype), np.empty(r * C, x.dtype))
     acc = np.zeros((3, r * C), x.dtype)
@@ -622,7 +623,7 @@ def _channels_dx(dy, x, dx, coef, act_in, act_z, slope, T, t0, t1):
     """``dx`` for the rows of tasks [t0, t1): ``dz sc - k1 - xhat k2`` (times f'(x) after the norm)."""
     C = coef.shape[1]
     M = x.shape[0] // C
-    r = max(1, TILE // C)
+    r = max(1, min(TILE // C, M))  # rows per tile
     mu_r, sc_r, bz_r, rs_r = _rep(coef[_MU], r), _rep(coef[_SC], r), _rep(coef[_BZ], r), _rep(coef[_RS], r)
     k1_r, k2_r, corr_r = _rep(coef[_K1], r), _rep(coef[_K2], r), _rep(coef[_CORR], r)
     bufs = (np.empty(r * C, x.dtype), np.empty(r * C, x.dtype), np.empty(r * C, x.dtype))
@@ -642,7 +643,7 @@ def _channels_dx(dy, x, dx, coef, act_in, act_z, slope, T, t0, t1):
 def _update_running(stat, S, running_mean, running_var, m, momentum, cumulative, num_batches_tracked, num_skipped):
     """Fold a batch's statistics (``stat[0]``, ``stat[2]``: mean and biased var, ``S`` rows of C, averaged over the
     rows as torch's instance norm does) into ``(C,)`` running buffers, unless one is not finite. Empty buffers: no
-    update; the counters are 1-element arrays, or empty when the layer has none."""
+    update. The counters are 0-d arrays (a layer without them passes scratch ones)."""
     if running_mean.size == 0:
         return
     C = running_mean.shape[0]
@@ -659,12 +660,10 @@ def _update_running(stat, S, running_mean, running_var, m, momentum, cumulative,
         bm[c] = sm / S
         bv[c] = sv / S * unbias
         if not (math.isfinite(bm[c]) and math.isfinite(bv[c])):
-            if num_skipped.size:
-                num_skipped[0] += 1
+            num_skipped[()] += 1
             return
-    if num_batches_tracked.size:
-        num_batches_tracked[0] += 1
-    factor = 1.0 / max(num_batches_tracked[0], 1) if cumulative else momentum
+    num_batches_tracked[()] += 1
+    factor = 1.0 / max(num_batches_tracked[()], 1) if cumulative else momentum
     for c in range(C):
         running_mean[c] = rdt((1.0 - factor) * running_mean[c] + factor * bm[c])
         running_var[c] = rdt((1.0 - factor) * running_var[c] + factor * bv[c])
@@ -809,14 +808,30 @@ def _channels_backward_run(n, T, dy, x, w, b, mean, rstd, dx, dwb, use_input_sta
 
 
 # ---- the backend's functions ---------------------------------------------------------------------------------
+# Per call, Python does only what the loops cannot: numpy views of the tensors (views, not copies, for the layouts
+# the families read), the output tensors, the task count. Small inputs are bound by this, so it is kept lean.
 
 _local = threading.local()
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+_started = False
+
+
+def _start_threads() -> None:
+    """Start numba's threading layer once, keeping torch's thread count. Its OpenMP layer binds to the libgomp torch
+    loaded and, starting, sets that library's thread count to NUMBA_NUM_THREADS (every core): torch's own count
+    would change under the user (two one-thread training processes would each run two threads)."""
+    global _started
+    if not _started:
+        n = torch.get_num_threads()
+        numba.np.ufunc.parallel._launch_threads()
+        torch.set_num_threads(n)
+        _started = True
 
 
 def _threads(T: int) -> int:
     """How many threads run T tasks: torch's count (numba's pool is set to it; the setting is per Python thread),
     or 1 for a single task."""
+    _start_threads()
     n = min(T, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     if n > 1 and getattr(_local, "threads", 0) != n:
         numba.set_num_threads(n)
@@ -843,11 +858,10 @@ def _memory(t: torch.Tensor, channels: bool) -> np.ndarray:
     return a.reshape(-1)
 
 
-def _output(x: torch.Tensor, p: Plan, channels: bool) -> tuple[torch.Tensor, np.ndarray]:
+def _output(x: torch.Tensor, p: Plan, channels: bool, dtype) -> tuple[torch.Tensor, np.ndarray]:
     """An uninitialized output like ``x`` and its flat array in the family's memory order: channels_last for
     channels_last batch norm; logical order otherwise (:func:`_restore` turns per-sample results of a channels_last
     input back)."""
-    dtype = _NP[x.dtype]
     if channels and x.dim() > 2:
         a = np.empty((x.shape[0], *x.shape[2:], x.shape[1]), dtype)
         return torch.from_numpy(a).movedim(-1, 1), a.reshape(-1)
@@ -865,15 +879,29 @@ def _restore(t: torch.Tensor, x: torch.Tensor, p: Plan) -> torch.Tensor:
 _FILLED: dict = {}
 
 
-def _vector(t: torch.Tensor | None, n: int, dtype, fill: float) -> np.ndarray:
-    """``w`` or ``b`` as ``n`` contiguous values of ``dtype``; ``fill`` (1 or 0) when the layer has none (an array
-    shared between calls: the loops only read it; writable, as a read-only array would be another compiled type)."""
-    if t is not None:
-        return np.ascontiguousarray(t.numpy(force=True).reshape(-1), dtype=dtype)
-    key = (n, dtype, fill)
-    if key not in _FILLED:
-        _FILLED[key] = np.full(n, fill, dtype)
-    return _FILLED[key]
+def _vector(t: torch.Tensor | None, n: int, dtype) -> np.ndarray:
+    """``w`` or ``b`` (or a statistic) as ``n`` contiguous values of ``dtype``: ``t`` broadcast when it holds fewer
+    (given per-channel statistics of a per-sample norm). None: ones, an array shared between calls (the loops only
+    read it; writable, as a read-only array would be another compiled type)."""
+    if t is None:
+        if (n, dtype) not in _FILLED:
+            _FILLED[n, dtype] = np.ones(n, dtype)
+        return _FILLED[n, dtype]
+    a = t.numpy(force=True)
+    if a.size != n:
+        a = np.broadcast_to(a.reshape(1, -1), (n // a.size, a.size))
+    if a.ndim != 1:
+        a = a.reshape(-1)
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
+def _zeros(t: torch.Tensor | None, n: int, dtype) -> np.ndarray:
+    """``b`` as :func:`_vector` makes it; None: zeros."""
+    if t is None:
+        if (n, dtype, 0) not in _FILLED:
+            _FILLED[n, dtype, 0] = np.zeros(n, dtype)
+        return _FILLED[n, dtype, 0]
+    return _vector(t, n, dtype)
 
 
 def _tasks(units: int, values: int) -> int:
@@ -882,64 +910,45 @@ def _tasks(units: int, values: int) -> int:
     return max(1, min(units, values // TASK_VALUES))
 
 
-def _stat(t: torch.Tensor, p: Plan, dtype) -> np.ndarray:
-    """A statistic (``(C,)`` or ``p.stat_shape``) as ``prod(p.stat_shape)`` contiguous values of ``dtype``."""
-    a = t.numpy(force=True).reshape(-1)
-    if a.size != p.stat_shape[0] * p.G:
-        a = np.broadcast_to(a, p.stat_shape).reshape(-1)
-    return np.ascontiguousarray(a, dtype=dtype)
-
-
-def _activation(call: Call) -> tuple[int, bool, float]:
-    return CODES[call.activation], call.placement == "after", call.negative_slope
-
-
 _NO_BUFFER = {np.float32: np.zeros(0, np.float32), np.float64: np.zeros(0, np.float64)}
-_NO_COUNTER = np.zeros(0, np.int64)
+_SCRATCH = np.zeros((), np.int64)  # the counter of a layer without one: written, never read
 
 
-def _counter(t: torch.Tensor | None) -> np.ndarray:
-    return _NO_COUNTER if t is None else t.view(1).numpy()
-
-
-def _takes(running: Running | None, dtype) -> bool:
-    """Whether the compiled forward updates these running buffers itself (CPU, contiguous, x's dtype)."""
-    return running is not None and all(
-        t.is_cpu and t.dtype == dtype and t.is_contiguous() for t in (running.mean, running.var)
-    )
+def _running(running: Running | None, x: torch.Tensor, m: int, dtype) -> tuple:
+    """The compiled update's arguments: the buffers as arrays when these loops take them (CPU, x's dtype), else
+    empty ones (no update there)."""
+    if running is None or running.mean.dtype != x.dtype or not running.mean.is_cpu:
+        return _NO_BUFFER[dtype], _NO_BUFFER[dtype], m, 0.0, False, _SCRATCH, _SCRATCH
+    nbt, skipped = running.num_batches_tracked, running.num_skipped
+    return (running.mean.numpy(), running.var.numpy(), m, running.momentum or 0.0, running.momentum is None,
+            _SCRATCH if nbt is None else nbt.numpy(), _SCRATCH if skipped is None else skipped.numpy())
 
 
 def forward(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None):
     """Normalize ``x``; returns ``(y, mean, rstd, var)``. Contract: :func:`normlab.torch_ops.forward`."""
     p = call.plan
     S, G = p.stat_shape
+    C = p.affine_size
     dtype = _NP[x.dtype]
     channels = _channels(x, p)
-    y, ya = _output(x, p, channels)
+    y, ya = _output(x, p, channels, dtype)
     stat = np.empty((3, S * G), dtype)  # mean, rstd, var
     if stats is not None:
-        stat[0], stat[2] = _stat(stats[0], p, dtype), _stat(stats[1], p, dtype)
-    m = p.m
-    if _takes(running, x.dtype):
-        upd = (running.mean.numpy(), running.var.numpy(), m, 0.0 if running.momentum is None else running.momentum,
-               running.momentum is None, _counter(running.num_batches_tracked), _counter(running.num_skipped))
-    else:
-        upd = (_NO_BUFFER[dtype], _NO_BUFFER[dtype], m, 0.0, False, _NO_COUNTER, _NO_COUNTER)
-    args = (_memory(x, channels), _vector(w, p.affine_size, dtype, 1.0), _vector(b, p.affine_size, dtype, 0.0), ya,
-            stat)
+        stat[0], stat[2] = _vector(stats[0], S * G, dtype), _vector(stats[1], S * G, dtype)
+    upd = _running(running, x, p.m, dtype)
+    args = (_memory(x, channels), _vector(w, C, dtype), _zeros(b, C, dtype), ya, stat)
+    act = (CODES[call.activation], call.placement == "after", call.negative_slope)
     if channels:
         T = _tasks(p.N * p.R, p.numel)
-        _channels_forward_run(_threads(T), T, *args, stats is None, call.eps, *_activation(call), *upd)
+        _channels_forward_run(_threads(T), T, *args, stats is None, call.eps, *act, *upd)
     else:
         T = _tasks(S * G, p.numel)
-        _blocks_forward_run(_threads(T), T, *args, p.N, S, p.K, p.R, stats is None, call.eps, *_activation(call),
-                            *upd)
-    if not channels:
+        _blocks_forward_run(_threads(T), T, *args, p.N, S, p.K, p.R, stats is None, call.eps, *act, *upd)
         y = _restore(y, x, p)
-    mean, rstd, var = (torch.from_numpy(a) for a in stat.reshape(3, S, G))  # three tensors: custom ops' outputs
-    # may not share a storage
-    if running is not None and not _takes(running, x.dtype):
-        torch_ops.update_running_stats(running, mean, var, m)
+    mean, rstd, var = map(torch.from_numpy, stat.reshape(3, S, G))  # three tensors: custom ops' outputs may not
+    # share a storage
+    if running is not None and upd[0].size == 0:
+        torch_ops.update_running_stats(running, mean, var, p.m)
     return (y, mean, rstd, var) if stats is None else (y, stats[0], rstd, stats[1])
 
 
@@ -951,22 +960,25 @@ def backward(dy: torch.Tensor, x: torch.Tensor, w, b, mean, rstd, call: Call, ne
     C = p.affine_size
     dtype = _NP[x.dtype]
     channels = _channels(x, p)
-    dx, dxa = _output(x, p, channels) if need_dx else (None, _NO_BUFFER[dtype])
+    dx, dxa = _output(x, p, channels, dtype) if need_dx else (None, _NO_BUFFER[dtype])
     dwb = np.empty((2, C), dtype)
-    args = (_memory(dy, channels), _memory(x, channels), _vector(w, C, dtype, 1.0), _vector(b, C, dtype, 0.0),
-            _stat(mean, p, dtype), _stat(rstd, p, dtype), dxa, dwb)
+    args = (_memory(dy, channels), _memory(x, channels), _vector(w, C, dtype), _zeros(b, C, dtype),
+            _vector(mean, S * G, dtype), _vector(rstd, S * G, dtype), dxa, dwb)
+    act = (CODES[call.activation], call.placement == "after", call.negative_slope)
     if channels:
         T = _tasks(p.N * p.R, p.numel)
-        _channels_backward_run(_threads(T), T, *args, call.use_input_stats, need_dx, *_activation(call))
+        _channels_backward_run(_threads(T), T, *args, call.use_input_stats, need_dx, *act)
     else:
         T = _tasks(S * G, p.numel)
-        _blocks_backward_run(_threads(T), T, *args, p.N, S, p.K, p.R, call.use_input_stats, need_dx,
-                             *_activation(call))
-    if need_dx and not channels:
-        dx = _restore(dx, x, p)
-    return (dx,
-            None if w is None else torch.from_numpy(dwb[0]).to(w.dtype),
-            None if b is None else torch.from_numpy(dwb[1]).to(b.dtype))
+        _blocks_backward_run(_threads(T), T, *args, p.N, S, p.K, p.R, call.use_input_stats, need_dx, *act)
+        if need_dx:
+            dx = _restore(dx, x, p)
+    dw, db = map(torch.from_numpy, dwb)  # two storages, as for the statistics
+    if w is not None and w.dtype != x.dtype:
+        dw = dw.to(w.dtype)
+    if b is not None and b.dtype != x.dtype:
+        db = db.to(b.dtype)
+    return dx, None if w is None else dw, None if b is None else db
 
 
 # The forward above folds the batch into the running buffers itself; on its own, the update is the torch path's.

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 Kind = Literal["batch", "instance", "group", "layer"]
@@ -74,6 +74,15 @@ class Plan:
         N, G, K, R: the view's sizes; ``N * G * K * R == prod(shape)``.
         pool_batch: statistics pool over N as well (batch norm) instead of per sample.
         normalized_ndim: for layer norm, how many trailing dims are normalized (0 for the other kinds).
+
+    Derived, computed once (a Plan is read on every call):
+        view_shape: ``(N, G, K, R)``.
+        stat_axes: axes of the view that one statistic reduces over: ``(0, 2, 3)`` pooled, else ``(2, 3)``.
+        affine_axes: axes of the view that ``dw`` and ``db`` reduce over, ``(0, 3)``.
+        stat_shape: shape of ``mean`` and ``rstd``: ``(1, G)`` when pooling over the batch, else ``(N, G)``.
+        affine_size: entries of ``w`` and ``b``, ``G * K`` (channels, or normalized elements).
+        m: how many values one statistic is taken over.
+        numel: ``N * G * K * R``.
     """
 
     kind: str
@@ -84,40 +93,26 @@ class Plan:
     R: int
     pool_batch: bool
     normalized_ndim: int = 0
+    view_shape: tuple[int, int, int, int] = field(init=False, compare=False, repr=False)
+    stat_axes: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    affine_axes: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    stat_shape: tuple[int, int] = field(init=False, compare=False, repr=False)
+    affine_size: int = field(init=False, compare=False, repr=False)
+    m: int = field(init=False, compare=False, repr=False)
+    numel: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def view_shape(self) -> tuple[int, int, int, int]:
-        """``(N, G, K, R)``."""
-        return (self.N, self.G, self.K, self.R)
-
-    @property
-    def stat_axes(self) -> tuple[int, ...]:
-        """Axes of the view that one statistic reduces over."""
-        return (0, 2, 3) if self.pool_batch else (2, 3)
-
-    @property
-    def affine_axes(self) -> tuple[int, ...]:
-        """Axes of the view that ``dw`` and ``db`` reduce over."""
-        return (0, 3)
-
-    @property
-    def stat_shape(self) -> tuple[int, int]:
-        """Shape of ``mean`` and ``rstd``: ``(1, G)`` when pooling over the batch, else ``(N, G)``."""
-        return (1 if self.pool_batch else self.N, self.G)
-
-    @property
-    def affine_size(self) -> int:
-        """Number of entries of ``w`` and ``b``: ``G * K`` (channels, or normalized elements)."""
-        return self.G * self.K
-
-    @property
-    def m(self) -> int:
-        """How many values one statistic is taken over."""
-        return self.K * self.R * (self.N if self.pool_batch else 1)
-
-    @property
-    def numel(self) -> int:
-        return self.N * self.G * self.K * self.R
+    def __post_init__(self) -> None:
+        derived = {
+            "view_shape": (self.N, self.G, self.K, self.R),
+            "stat_axes": (0, 2, 3) if self.pool_batch else (2, 3),
+            "affine_axes": (0, 3),
+            "stat_shape": (1 if self.pool_batch else self.N, self.G),
+            "affine_size": self.G * self.K,
+            "m": self.K * self.R * (self.N if self.pool_batch else 1),
+            "numel": self.N * self.G * self.K * self.R,
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
 
 @dataclass(frozen=True)
