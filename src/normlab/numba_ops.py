@@ -250,6 +250,19 @@ def _fold(acc, part):
 
 
 @_inline
+def _row_z(wt, bt, rs, zl, sc_v, bz_v, act_z):
+    """For a row of channels: ``(sc, bz) = (rstd * w, b - zl * rstd * w)``, the scale and offset of the recomputed
+    z (filled into the scratch only when f'(z) needs z)."""
+    n = wt.shape[0]
+    sc, bz = sc_v[:n], bz_v[:n]
+    if act_z != _NONE:
+        for k in range(n):
+            sc[k] = rs * wt[k]
+            bz[k] = bt[k] - zl * sc[k]
+    return sc, bz
+
+
+@_inline
 def _centered(x, dy, i0, n, mu, sc, bz, bufs, act_in, act_z, slope):
     """For ``x[i0:i0+n]``: ``(a - mu, dz)`` as tile views. ``dz = dy * f'(z)`` with ``z = (a - mu) * sc + bz`` when
     the activation comes before the norm (``bz = b - zl * sc``), else dy's view. ``mu``, ``sc``, ``bz`` are scalars
@@ -388,11 +401,8 @@ def _blocks_backward(dy, x, w, b, mean, rstd, dx, part, N, S, K, R, use_input_st
                 if R == 1:  # one value per channel: layer norm, group norm of (N, C)
                     for k0 in range(0, K, TILE):
                         n = min(TILE, K - k0)
-                        wt, bt = w[c0 + k0:c0 + k0 + n], b[c0 + k0:c0 + k0 + n]
-                        sc, bz = sc_v[:n], bz_v[:n]
-                        for k in range(n):
-                            sc[k] = rs * wt[k]
-                            bz[k] = bt[k] - zl_ * sc[k]
+                        wt = w[c0 + k0:c0 + k0 + n]
+                        sc, bz = _row_z(wt, b[c0 + k0:c0 + k0 + n], rs, zl_, sc_v, bz_v, act_z)
                         xc, dz = _centered(x, dy, start + k0, n, mu, sc, bz, bufs, act_in, act_z, slope)
                         u1, u2, u3 = _wsum3(wt, dz, xc)
                         c1 += u1
@@ -428,21 +438,17 @@ def _blocks_backward(dy, x, w, b, mean, rstd, dx, part, N, S, K, R, use_input_st
                 if R == 1:
                     for k0 in range(0, K, TILE):
                         n = min(TILE, K - k0)
-                        wt, bt = w[c0 + k0:c0 + k0 + n], b[c0 + k0:c0 + k0 + n]
-                        sc, bz = sc_v[:n], bz_v[:n]
-                        for k in range(n):
-                            sc[k] = rs * wt[k]
-                            bz[k] = bt[k] - zl_ * sc[k]
+                        wt = w[c0 + k0:c0 + k0 + n]
+                        sc, bz = _row_z(wt, b[c0 + k0:c0 + k0 + n], rs, zl_, sc_v, bz_v, act_z)
                         xc, dz = _centered(x, dy, start + k0, n, mu, sc, bz, bufs, act_in, act_z, slope)
                         pw, pb = part_dw[c0 + k0:c0 + k0 + n], part_db[c0 + k0:c0 + k0 + n]
-                        for k in range(n):
-                            pw[k] += dz[k] * (xc[k] * rs - corr)
-                        for k in range(n):
+                        out = dx[start + k0:start + k0 + n] if need_dx else bufs[0][:n]
+                        for k in range(n):  # one loop: dw and db partials, and dx
+                            xhat = xc[k] * rs - corr
+                            pw[k] += dz[k] * xhat
                             pb[k] += dz[k]
+                            out[k] = dz[k] * (rs * wt[k]) - k1 - xhat * k2
                         if need_dx:
-                            out = dx[start + k0:start + k0 + n]
-                            for k in range(n):
-                                out[k] = dz[k] * sc[k] - k1 - (xc[k] * rs - corr) * k2
                             _after_grad(out, x, start + k0, bufs[2], act_in, slope)
                 elif need_dx:
                     for k in range(K):
