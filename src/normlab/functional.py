@@ -226,6 +226,18 @@ def _per_channel(input: torch.Tensor, p: spec.Plan, *named) -> None:
     _check_shapes((p.affine_size,), lambda: f"one per channel of the input of shape {tuple(input.shape)}", *named)
 
 
+def _running_stats_call(kind, input, use_input_stats, momentum, eps, activation, placement, negative_slope,
+                        running_mean, running_var, weight, bias) -> Call:
+    """The checked Call of batch or instance norm, whose running buffers, weight and bias hold one value per
+    channel."""
+    _check_tensor(input)
+    check_momentum(momentum)
+    call = _call(kind, input.shape, eps, activation, placement, negative_slope, use_input_stats)
+    _per_channel(input, call.plan, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                 ("bias", bias))
+    return call
+
+
 # ---- the four norms ---------------------------------------------------------------------------------------------
 
 def batch_norm(
@@ -255,12 +267,9 @@ def batch_norm(
     ``num_skipped`` counts batches whose non-finite statistics were kept out of the running buffers. ``momentum``
     must lie in [0, 1] (torch accepts any value).
     """
-    _check_tensor(input)
-    check_momentum(momentum)
-    call = _call("batch", input.shape, eps, activation, placement, negative_slope, bool(training))
+    call = _running_stats_call("batch", input, bool(training), momentum, eps, activation, placement, negative_slope,
+                               running_mean, running_var, weight, bias)
     p = call.plan
-    _per_channel(input, p, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                 ("bias", bias))
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must both be given or both be None; got {missing}=None")
@@ -299,12 +308,9 @@ def instance_norm(
     Statistics per sample and channel over S. With ``use_input_stats`` and running buffers, the buffers receive the
     batch average of the per-instance mean and unbiased variance; without it, the buffers normalize.
     """
-    _check_tensor(input)
-    check_momentum(momentum)
-    call = _call("instance", input.shape, eps, activation, placement, negative_slope, bool(use_input_stats))
+    call = _running_stats_call("instance", input, bool(use_input_stats), momentum, eps, activation, placement,
+                               negative_slope, running_mean, running_var, weight, bias)
     p = call.plan
-    _per_channel(input, p, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                 ("bias", bias))
     if use_input_stats:
         if p.R == 1:
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
