@@ -1,11 +1,13 @@
 """normlab: batch normalization and its family for PyTorch.
 
-- :mod:`normlab.spec`: the one place the four norms differ (the ``(N, G, K, R)`` view).
+- :mod:`normlab.spec`: the one place the four norms differ (the ``(N, G, K, R)`` view), and the ``Call`` every tier
+  receives.
 - :mod:`normlab.reference`: NumPy float64 forward and hand-derived backward.
 - :mod:`normlab.functional`: torch functions with the hand-derived backward and fused activations.
 - :mod:`normlab.nn`: drop-in layers (torch.nn's classes, normlab's forward).
 - :func:`normlab.precise_bn`: exact population statistics over a set of batches.
-- :mod:`normlab.kernels`: fused Triton kernels (GPU; optional).
+- backends, chosen in :mod:`normlab.backend`: :mod:`normlab.numba_ops` (compiled CPU loops), :mod:`normlab.torch_ops`
+  (tensor operations; the fallback), :mod:`normlab.kernels` (fused Triton kernels; GPU, optional).
 - :mod:`normlab.lab`: the experiments (optional; needs the ``lab`` extra).
 """
 

@@ -946,16 +946,17 @@ def forward(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | No
     act = (CODES[call.activation], call.placement == "after", call.negative_slope)
     if channels:
         T = _tasks(p.N * p.R, p.numel)
-        _channels_forward_run(_threads(T), T, *args, stats is None, call.eps, *act, *upd)
+        _channels_forward_run(_threads(T), T, *args, call.use_input_stats, call.eps, *act, *upd)
     else:
         T = _tasks(S * G, p.numel)
-        _blocks_forward_run(_threads(T), T, *args, p.N, S, p.K, p.R, stats is None, call.eps, *act, *upd)
+        _blocks_forward_run(_threads(T), T, *args, p.N, S, p.K, p.R, call.use_input_stats, call.eps, *act,
+                            *upd)
         y = _restore(y, x, p)
     mean, rstd, var = map(torch.from_numpy, stat.reshape(3, S, G))  # three tensors: custom ops' outputs may not
     # share a storage
     if running is not None and upd[0].size == 0:
         torch_ops.update_running_stats(running, mean, var, p.m)
-    return (y, mean, rstd, var) if stats is None else (y, stats[0], rstd, stats[1])
+    return (y, mean, rstd, var) if call.use_input_stats else (y, stats[0], rstd, stats[1])
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, w, b, mean, rstd, call: Call, need_dx: bool = True):

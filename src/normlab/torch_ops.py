@@ -116,7 +116,7 @@ def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
     """
     p = call.plan
     a = _normalized(x, call)                                           # (N, G, K, R)
-    if stats is None:
+    if call.use_input_stats:
         shift = a.mean(p.stat_axes, keepdim=True)                      # (N|1, G, 1, 1) rounded two-pass mean
         d = a - shift                                                  # (N, G, K, R)
         d_mean = d.mean(p.stat_axes, keepdim=True)                     # (N|1, G, 1, 1) E[a] - shift
@@ -130,7 +130,7 @@ def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
     w4, b4 = _affine4(w, p, a.dtype), _affine4(b, p, a.dtype)
     z = (d - d_mean) * (rstd if w4 is None else rstd * w4)             # (N, G, K, R)
     y = _output(z if b4 is None else z + b4, x, call)
-    if stats is not None:
+    if not call.use_input_stats:
         return y, mean, rstd.reshape(-1, p.G).expand(p.stat_shape), stats[1]
     mean, var = mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
     if running is not None:
@@ -186,7 +186,7 @@ def forward_autograd(x, w, b, call: Call, stats=None) -> torch.Tensor:
     """
     p = call.plan
     a = _normalized(x, call)                                           # (N, G, K, R)
-    if stats is None:
+    if call.use_input_stats:
         mean = a.mean(p.stat_axes, keepdim=True)
         var = ((a - mean) ** 2).mean(p.stat_axes, keepdim=True)
     else:
