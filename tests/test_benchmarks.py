@@ -32,6 +32,12 @@ def test_cpu_benchmark_runs(tmp_path):
     assert len(result["summary"]) == 4 and result["header"]["commit"]
 
 
+def test_tiers_script_runs(tmp_path):
+    run = _run(["benchmarks/tiers.py", "--steps", "5"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "backend: normlab.numba_ops" in run.stdout and "backend stubbed" in run.stdout
+
+
 def test_gpu_benchmark_dry_run(tmp_path):
     pytest.importorskip("triton")
     out = tmp_path / "gpu.json"
