@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 import normlab.functional as F
 from normlab import backend, numba_ops, reference, spec, torch_ops
 from normlab.spec import plan
-from tests.conftest import ACT_PLACEMENTS, SHAPES, assert_close, channels_last
+from tests.conftest import ACT_PLACEMENTS, CPU_BACKENDS, SHAPES, assert_close, channels_last
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -36,12 +36,14 @@ def test_batch_norm_matches_torch_functional(shape, training, cpu_backend):
      ("layer", (3, 2, 5), {"normalized_ndim": 2})],
 )
 @pytest.mark.parametrize("activation, placement", ACT_PLACEMENTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "dtype, cpu_backend",
+    [(dtype, name) for dtype in (torch.float64, torch.float32) for name in CPU_BACKENDS]
+    + [(torch.bfloat16, "torch"), (torch.float16, "torch")],  # half precision: the torch path (numba refuses it)
+    indirect=["cpu_backend"],
+)
 def test_matches_reference(kind, shape, kw, activation, placement, dtype, cpu_backend):
-    """Output and all three gradients against the float64 reference, in each dtype, on each CPU backend (half
-    precision takes the torch path under every choice but "numba", which refuses it)."""
-    if cpu_backend != "torch" and dtype in (torch.bfloat16, torch.float16):
-        pytest.skip("the numba loops take float32 and float64 only")
+    """Output and all three gradients against the float64 reference, in each dtype, on each CPU backend."""
     _check_reference(kind, shape, kw, activation, placement, dtype)
 
 

@@ -394,8 +394,9 @@ def _blocks_backward(dy, x, w, b, mean, rstd, dx, part, N, S, K, R, use_input_st
             c1 = 0.0  # Σ_c w Σ dz
             c2 = 0.0  # Σ_c w Σ dz (a - mu)
             sxc = 0.0  # Σ (a - mu)
-            s_dz[:] = 0.0
-            s_dzx[:] = 0.0
+            if R > 1:
+                s_dz[:] = 0.0
+                s_dzx[:] = 0.0
             for i in range(nb):
                 start = base + i * C * R
                 if R == 1:  # one value per channel: layer norm, group norm of (N, C)
