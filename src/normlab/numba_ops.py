@@ -20,11 +20,13 @@ Every pass works tile by tile (:data:`TILE` values, in L1), one plain loop per s
 the activation's switch sits outside them. Per-element arithmetic runs in x's dtype; sums run in x's dtype within
 a tile and in float64 across tiles; statistics and coefficients are float64 until stored.
 
-Threads: each pass is a serial loop over a range of its ``T`` tasks; :func:`_run` calls it once on the calling
-thread for a single task (small inputs: no thread is woken), else through a ``prange`` over contiguous task ranges
-(``_par``), one per thread of ``torch.get_num_threads()``. numba's OpenMP layer binds to the libgomp torch loads,
-so these threads are torch's own pool rather than a second pool contending for the cores. ``T`` and every merge
-order depend on the shape only, so results are bit-identical from run to run and across thread counts.
+Threads: each pass is a serial loop over a range of its ``T`` tasks. One compiled driver per family and direction
+(``_blocks_forward_run`` etc.) runs the passes in turn: each once on the calling thread when one thread suffices (a
+single task, i.e. small inputs, or torch set to one thread: no thread is woken), else through its ``_par`` entry, a
+``prange`` over contiguous task ranges, one per thread of ``torch.get_num_threads()``. numba's OpenMP layer binds
+to the libgomp torch loads, so these threads are torch's own pool rather than a second pool contending for the
+cores. ``T`` and every merge order depend on the shape only, so results are bit-identical from run to run and
+across thread counts.
 
 The saved float32 ``mean`` is the exact mean rounded, off by ``delta`` (at most half an ulp of ``|mean|``). As in
 the torch path, the backward measures ``delta = E[a - mean]`` in its sums pass and folds it into the
