@@ -207,10 +207,10 @@ def _check_tensor(input) -> None:
         raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
 
 
-def check_momentum(momentum: float | None, who: str = "momentum") -> None:
+def check_momentum(momentum: float | None) -> None:
     """``momentum`` must be None (cumulative average) or a number in [0, 1]."""
     if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
-        raise ValueError(f"{who} must be None or a number in [0, 1], got {momentum!r}")
+        raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
 
 
 def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
