@@ -207,12 +207,6 @@ def _check_tensor(input) -> None:
         raise TypeError(f"expected a floating-point input, got dtype {input.dtype}")
 
 
-def check_momentum(momentum: float | None) -> None:
-    """``momentum`` must be None (cumulative average) or a number in [0, 1]."""
-    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
-        raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
-
-
 def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
     """Each given ``(name, tensor)`` must have ``shape``; the error names the argument, the expected and the actual
     shape, and says what the shape is (``what``: text, or a function giving it, called only on failure)."""
@@ -231,7 +225,7 @@ def _running_stats_call(kind, input, use_input_stats, momentum, eps, activation,
     """The checked Call of batch or instance norm, whose running buffers, weight and bias hold one value per
     channel."""
     _check_tensor(input)
-    check_momentum(momentum)
+    spec.check_momentum(momentum)
     call = _call(kind, input.shape, eps, activation, placement, negative_slope, use_input_stats)
     _per_channel(input, call.plan, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                  ("bias", bias))

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from normlab import functional as F
-from normlab.spec import LEAKY_SLOPE, check_activation
+from normlab.spec import LEAKY_SLOPE, check_activation, check_eps, check_momentum
 
 __all__ = [
     "BatchNorm1d",
@@ -44,9 +44,8 @@ class _Fused:
         who = type(self).__name__
         try:
             check_activation(activation, placement, negative_slope)
-            if not self.eps > 0:  # also rejects NaN
-                raise ValueError(f"eps must be > 0, got {self.eps}")
-            F.check_momentum(getattr(self, "momentum", None))
+            check_eps(self.eps)
+            check_momentum(getattr(self, "momentum", None))
         except ValueError as e:
             raise ValueError(f"{who}: {e}") from None
         self.activation, self.placement, self.negative_slope = activation, placement, negative_slope

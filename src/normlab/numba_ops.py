@@ -879,10 +879,8 @@ def _output(x: torch.Tensor, p: Plan, channels: bool, dtype) -> tuple[torch.Tens
 
 
 def _restore(t: torch.Tensor, x: torch.Tensor, p: Plan) -> torch.Tensor:
-    """A blocks-family result (logical order) back in channels_last when x is (and the kind keeps it)."""
-    if p.kind != "layer" and is_channels_last(x):
-        return t.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    return t
+    """A blocks-family result (logical order) in the output's memory format (a no-op unless that is channels_last)."""
+    return t.contiguous(memory_format=torch_ops.output_format(x, p))
 
 
 _FILLED: dict = {}

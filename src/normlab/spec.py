@@ -64,6 +64,18 @@ def check_activation(activation: str | None, placement: str, negative_slope: flo
         raise ValueError(f"negative_slope applies to activation='leaky_relu' only, got activation={activation!r}")
 
 
+def check_eps(eps: float) -> None:
+    """``eps`` must be > 0 (NaN is refused too)."""
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+
+
+def check_momentum(momentum: float | None) -> None:
+    """``momentum`` must be None (cumulative average) or a number in [0, 1]."""
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """How an input of a given shape is normalized, as the view ``(N, G, K, R)``.
@@ -167,8 +179,7 @@ def make_call(
 ) -> Call:
     """The :class:`Call` for normalizing an input of ``shape`` as ``kind`` (:func:`call` caches it). Raises
     ``ValueError`` as :func:`plan` and :func:`check_activation` do, and for ``eps`` not > 0."""
-    if not eps > 0:  # also rejects NaN
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_eps(eps)
     check_activation(activation, placement, negative_slope)
     p = plan(kind, shape, groups=groups, normalized_ndim=normalized_ndim)
     return Call(p, float(eps), activation, placement, float(negative_slope), bool(use_input_stats))
