@@ -199,6 +199,11 @@ def device_data(ds: mnist_data.MNIST, device: str, standardize: bool = False, im
     return _DEVICE_DATA[key][1]
 
 
+def release_device_data() -> None:
+    """Drop the tensors :func:`device_data` keeps (the runner calls it when a run's arms in this process end)."""
+    _DEVICE_DATA.clear()
+
+
 def eval_metrics(arm: TorchArm) -> dict:
     """The default measure: ``test_loss`` and ``test_acc`` over the whole test set in one batch (eval mode)."""
     logits = arm.net(arm.data.test_x)

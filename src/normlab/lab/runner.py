@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from normlab.lab import files
-from normlab.lab.experiment import Experiment, RunConfig, resolve_device, units
+from normlab.lab.experiment import Experiment, RunConfig, release_device_data, resolve_device, units
 from normlab.lab.rundir import RunError, RunFolder
 
 
@@ -83,7 +83,8 @@ class Local:
         return self._result
 
     def close(self) -> None:
-        pass
+        self.arms = {}
+        release_device_data()
 
 
 def _worker(conn, exp, group, cfg, ds, device) -> None:
