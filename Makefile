@@ -1,5 +1,7 @@
 # Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv and installs what it needs.
-# TORCH is the torch requirement pip installs; CI pins the CPU build (see .ci/run).
+# TORCH is the torch requirement pip installs; CI pins the CPU build (see .ci/run). On a machine without a GPU:
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+# installs the CPU build (torch 2.13.0+cpu: 754 MB installed) instead of the default CUDA one (a 5.5 GB .venv).
 PYTHON ?= python3
 TORCH ?= torch
 VENV := .venv
@@ -18,8 +20,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Not --quiet: torch is a large download (the CUDA build is GBs; see the README for the CPU one) and pip's progress
+# shows it is moving. TORCH is unquoted so that it may carry pip options: TORCH="torch --index-url URL".
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH)" -e ".[lab]"
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e ".[lab]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from normlab.lab import data as D
-from normlab.lab import files, train
-from normlab.lab.plots import plot_figure1
+from normlab.lab import files
+from normlab.lab.plots import plot_run
 
 
 @pytest.fixture
@@ -73,14 +73,24 @@ def test_atomic_write_concurrent_writers_do_not_share_a_temp_file(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_train_writers_go_through_atomic_write(tmp_path, events):
-    train.write_atomic(tmp_path / "m.json", json.dumps({"a": 1}))
-    train.save_atomic(tmp_path / "c.pt", {"step": 3, "t": torch.arange(3)})
+def test_write_text_and_torch_save_go_through_atomic_write(tmp_path, events):
+    files.write_text(tmp_path / "m.json", json.dumps({"a": 1}))
+    files.atomic_write(tmp_path / "c.pt", lambda f: torch.save({"step": 3, "t": torch.arange(3)}, f))
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
     assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 3
     assert _fsynced_before_replace(events, tmp_path / "m.json")
     assert _fsynced_before_replace(events, tmp_path / "c.pt")
     assert _leftovers(tmp_path) == []
+
+
+def test_writable_dir_creates_and_refuses_in_one_line(tmp_path):
+    assert files.writable_dir(tmp_path / "a" / "b") is True and (tmp_path / "a" / "b").is_dir()
+    assert files.writable_dir(tmp_path / "a" / "b") is False
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match=r"cannot create the run folder .*f/x: a file is in the way"):
+        files.writable_dir(tmp_path / "f" / "x", "the run folder")
+    with pytest.raises(ValueError, match="a file is in the way"):
+        files.writable_dir(tmp_path / "f", "the run folder")
 
 
 def _fake_run(folder, n=4):
@@ -89,6 +99,7 @@ def _fake_run(folder, n=4):
                         "p15": -1.0 - s, "p50": 0.0, "p85": 1.0 + s}
     lines = [json.dumps({"step": 100 * s, "plain": rec(s, 0), "bn": rec(s, 1)}) for s in range(n)]
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "config.json").write_text(json.dumps({"experiment": "mnist", "config": {"steps": 100 * (n - 1)}}))
     return folder
 
 
@@ -97,7 +108,7 @@ def test_plot_is_written_atomically_with_a_private_temp_file(tmp_path, events):
     # The temporary name the plot used to use, held by another writer: it must be left alone.
     other = run_dir / ".figure1.png.tmp.png"
     other.write_bytes(b"another plot, half written")
-    path = plot_figure1(run_dir)
+    path = plot_run(run_dir)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert other.read_bytes() == b"another plot, half written"
     assert _fsynced_before_replace(events, path)
@@ -106,8 +117,8 @@ def test_plot_is_written_atomically_with_a_private_temp_file(tmp_path, events):
 
 def test_plot_format_follows_the_suffix(tmp_path):
     run_dir = _fake_run(tmp_path / "run")
-    assert plot_figure1(run_dir, tmp_path / "f.svg").read_bytes().lstrip().startswith(b"<?xml")
-    assert plot_figure1(run_dir, tmp_path / "f.img").read_bytes()[:4] == b"\x89PNG"  # unknown suffix: PNG
+    assert plot_run(run_dir, tmp_path / "f.svg").read_bytes().lstrip().startswith(b"<?xml")
+    assert plot_run(run_dir, tmp_path / "f.img").read_bytes()[:4] == b"\x89PNG"  # unknown suffix: PNG
 
 
 def test_make_sample_is_atomic(tmp_path, events, monkeypatch):

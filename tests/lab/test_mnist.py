@@ -1,7 +1,9 @@
-"""The Figure 1 experiment on the real data, in short runs: outputs, BN's lead, engines, determinism, resume."""
+"""The Figure 1 experiment (``normlab mnist``) on the real data, in short runs: outputs, BN's lead, engines,
+determinism, resume, and the --quick run's bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -9,13 +11,29 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_quick
 
 from normlab.lab import data as D
+from normlab.lab import runner
 from normlab.lab.cli import main
 from normlab.lab.data import DataOrder
-from normlab.lab.models import MLP, init_weights
-from normlab.lab.train import MnistConfig, build_net, read_metrics, run
+from normlab.lab.experiments.mnist import Mnist, MnistConfig, network
+from normlab.lab.rundir import RunFolder
 from normlab.nn import BatchNorm1d
+
+EXP = Mnist()
+
+
+def run(cfg, **kw):
+    return runner.run(EXP, cfg, **kw)
+
+
+def read_metrics(path):
+    return RunFolder(path.parent).records()
+
+
+def build_net(arm, cfg, ds, device):
+    return EXP.build_arm(arm, cfg, ds, device)
 
 STEPS, EVERY = 300, 100
 
@@ -171,12 +189,18 @@ def test_numpy_engine_run_matches_torch_run(base_run, real_dir, tmp_path):
 
 
 def test_torch_network_uses_normlab_batchnorm():
-    net = MLP(init_weights(0, 0.01), bn=True)
-    assert len(net.norms) == 3 and all(isinstance(m, BatchNorm1d) for m in net.norms)
-    assert all(lin.bias is None for lin in net.linears[:-1]) and net.linears[-1].bias is not None
-    plain = MLP(init_weights(0, 0.01), bn=False)
-    assert all(lin.bias is not None for lin in plain.linears) and len(plain.norms) == 0
-    torch.testing.assert_close(net.linears[0].weight, plain.linears[0].weight)  # same starting point
+    cfg = MnistConfig()
+    net, plain = network("bn", cfg), network("plain", cfg)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 3 and all(type(m) is BatchNorm1d and m.activation is None for m in norms)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    plain_linears = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(lin.bias is None for lin in linears[:-1]) and linears[-1].bias is not None
+    assert all(lin.bias is not None for lin in plain_linears)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in plain.modules())
+    assert sum(isinstance(m, torch.nn.Sigmoid) for m in net.modules()) == 3  # unfused: the probe watches one
+    for a, b in zip(linears, plain_linears):
+        torch.testing.assert_close(a.weight, b.weight)  # same starting point
 
 
 def test_cli_runs_and_rejects_bad_data(real_dir, tmp_path, capsys):
@@ -185,6 +209,7 @@ def test_cli_runs_and_rejects_bad_data(real_dir, tmp_path, capsys):
                  "--data-dir", str(real_dir), "--out", str(out), "--no-progress", "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "test acc @ 40 (final)" in err and str(out / "figure1.png") in err
+    assert (out / "table.md").read_text().count("test acc @ 40 (final)") == 1
     assert json.loads((out / "config.json").read_text())["config"]["standardize"] is True
     assert main(["mnist", "--resume", "--out", str(out), "--lr", "0.1"]) == 2  # conflicting flag
     assert "lr" in capsys.readouterr().err
@@ -211,3 +236,22 @@ def test_cli_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"normlab {normlab.__version__}"
+
+
+# sha256 of metrics.jsonl of `normlab mnist --quick` on the real MNIST files, as written by the code before the lab
+# moved onto the experiment skeleton (commit bbc72f8, 2026-11-29) and by this one. The numbers depend on the norm
+# backend (pinned below: the numba loops, what `auto` picks on a CPU), on torch's CPU kernels (torch 2.13.0+cpu,
+# one thread per network, which the run pins) and on the CPU's instruction set; a change of any of them can
+# change the last digits. The worker count does not (tested above).
+QUICK_SHA256 = "05fcea9400482d409d3906e6575a602a6df88c9a434e2cd119077fc23ce6bf95"
+
+
+def test_quick_run_metrics_are_byte_identical_to_the_reference(real_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    out = tmp_path / "quick"
+    meta = run_quick("mnist", real_dir, out)
+    assert hashlib.sha256((out / "metrics.jsonl").read_bytes()).hexdigest() == QUICK_SHA256
+    assert meta["command"][-3:-1] == ["--out", str(out)]
+    table = (out / "table.md").read_text()
+    assert "Quick run" in table and "≈ 0.96-0.97 / ≈ 0.98" in table and "Median range" in table
+    assert table.strip() in capsys.readouterr().err  # the table printed is the one saved

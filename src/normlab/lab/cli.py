@@ -1,123 +1,180 @@
-"""The ``normlab`` command (also ``python -m normlab``): one subcommand per experiment.
+"""The ``normlab`` command (also ``python -m normlab``): one subcommand per registered experiment, and ``plot``.
 
-``normlab mnist`` runs the paper's Figure 1 experiment (:mod:`normlab.lab.train`); ``normlab plot RUN`` redraws
-a run's figure. A new experiment adds one ``(add_arguments, handler)`` pair to :data:`COMMANDS`.
+Each experiment's flags are generated from its config dataclass (:func:`add_config_flags`): field ``batch_size``
+becomes ``--batch-size``, its help is the field's ``metadata["help"]``, booleans get ``--x/--no-x``. Every
+experiment also has ``--out``, ``--quick``, ``--resume`` and ``--no-progress``. Errors a user can fix are one line
+on stderr (exit status 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import os
+import shlex
+import shutil
 import sys
-from collections.abc import Callable
+import typing
 from pathlib import Path
 
 import normlab
 
-# --quick, the demo: long enough for BN to pull ahead, short enough for well under a minute on two CPU cores.
-QUICK = {"steps": 4000, "eval_every": 250}
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _add_mnist(p: argparse.ArgumentParser) -> None:
-    from normlab.lab.train import ENGINES, MnistConfig
+def _show(value) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
-    d = MnistConfig()
-    # Every default is None here so that an explicit flag can be told from a default (for --quick and --resume);
-    # the real defaults are MnistConfig's, shown in the help.
-    p.add_argument("--steps", type=int, help=f"training steps (default {d.steps:,}; --quick: {QUICK['steps']:,})")
-    p.add_argument("--batch-size", type=int, help=f"mini-batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"SGD learning rate (default {d.lr}, our choice)")
-    p.add_argument("--init-std", type=float, help=f"std of the Gaussian initial weights (default {d.init_std}, ours)")
-    p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default {d.eval_every})")
-    p.add_argument("--seed", type=int, help=f"seed of the weights and the data order (default {d.seed})")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda if available, else cpu)")
-    p.add_argument("--data-dir", help="folder of the MNIST files (default: $NORMLAB_DATA, else ~/.cache/normlab/mnist)")
+
+def _base_type(tp):
+    """``int | None`` -> ``(int, False)``; ``tuple[int, ...]`` -> ``(int, True)``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is tuple:
+        return args[0], True
+    if args and typing.get_origin(tp) is not tuple:
+        return _base_type(args[0])
+    return tp, False
+
+
+def add_config_flags(p: argparse.ArgumentParser, config: type, quick: dict) -> None:
+    """One flag per field of the config dataclass ``config``; every default is None so that a flag given can be
+    told from a default (for --quick and --resume); the real default is shown in the help."""
+    hints = typing.get_type_hints(config)
+    defaults = config()
+    for f in dataclasses.fields(config):
+        tp, many = _base_type(hints[f.name])
+        default = getattr(defaults, f.name)
+        shown = [] if default is None else [f"default {_show(default)}"]  # None: the help says what happens
+        shown += [f"--quick: {_show(quick[f.name])}"] if f.name in quick else []
+        text = f.metadata.get("help", f.name.replace("_", " ")) + (f" ({'; '.join(shown)})" if shown else "")
+        kw = {"help": text, "default": None}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        else:
+            kw["metavar"] = f.name.upper()
+        if tp is bool:
+            kw.pop("metavar", None)
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(_flag(f.name), type=tp, nargs="+" if many else None, **kw)
+
+
+def add_experiment_flags(p: argparse.ArgumentParser, exp) -> None:
+    """The config's flags, then the flags every experiment has."""
+    add_config_flags(p, exp.config, exp.quick)
     p.add_argument("--out", help="run folder (default: a new one under ./runs)")
-    p.add_argument("--standardize", action="store_true", default=None,
-                   help="standardize inputs per pixel with training-set mean and std (default: pixels / 255)")
-    p.add_argument("--engine", choices=ENGINES, help="torch, or numpy with normlab.reference (default torch)")
-    p.add_argument("--threads", type=int, help=f"torch CPU threads per network (default {d.threads})")
-    p.add_argument("--workers", type=int, choices=(1, 2),
-                   help="processes: 2 trains each network in its own (default on a CPU with 2+ cores), 1 in this one")
-    p.add_argument("--quick", action="store_true",
-                   help=f"the demo: {QUICK['steps']:,} steps, evaluated every {QUICK['eval_every']}")
+    quick = ", ".join(f"{k}={_show(v)}" for k, v in exp.quick.items())
+    p.add_argument("--quick", action="store_true", help=f"the demo, well under a minute on two CPU cores ({quick})")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, written at each evaluation "
                    "(the steps since it are trained again)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
 
-def mnist_config(args: argparse.Namespace):
-    """The :class:`~normlab.lab.train.MnistConfig` for parsed ``args``: defaults, then --quick, then a resumed
-    run's saved values, then the flags given."""
-    from normlab.lab.train import MnistConfig
+def config_from_args(exp, args: argparse.Namespace):
+    """The experiment's config for parsed ``args``: defaults, then --quick, then a resumed run's saved values,
+    then the flags given."""
+    from normlab.lab.rundir import RunFolder
 
-    values = dataclasses.asdict(MnistConfig())
+    values = dataclasses.asdict(exp.config())
     if args.quick:
-        values.update(QUICK)
+        values.update(exp.quick)
     if args.resume:
-        saved = json.loads((Path(args.out) / "config.json").read_text())["config"]
-        values.update({k: v for k, v in saved.items() if k in values})
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MnistConfig) if hasattr(args, f.name)}
-    values.update({k: v for k, v in given.items() if v is not None})
-    return MnistConfig(**values)
+        saved = RunFolder(args.out).config()
+        values.update({k: tuple(v) if isinstance(values[k], tuple) else v for k, v in saved.items() if k in values})
+    for f in dataclasses.fields(exp.config):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    return exp.config(**values)
 
 
-def _run_mnist(args: argparse.Namespace) -> int:
-    from normlab.lab.train import default_out, run
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it (``.venv/bin/normlab``), else absolute."""
+    p = Path(path).absolute()
+    try:
+        rel = p.relative_to(Path.cwd())
+    except ValueError:
+        return str(p)
+    return str(rel) if "/" in str(rel) else f"./{rel}"
+
+
+def invocation() -> list[str]:
+    """The command that runs ``normlab`` from where the user is: ``normlab`` when that is on PATH and is this
+    program, else its path (``.venv/bin/normlab``), else ``python -m normlab`` with this interpreter."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name == "normlab" and Path(argv0).exists():
+        found = shutil.which("normlab")
+        if found and os.path.realpath(found) == os.path.realpath(argv0):
+            return ["normlab"]
+        return [_short(argv0)]
+    exe = sys.executable
+    found = shutil.which("python")
+    python = "python" if found and os.path.realpath(found) == os.path.realpath(exe) else _short(exe)
+    return [python, "-m", "normlab"]
+
+
+def _run_experiment(exp, args: argparse.Namespace, argv: list[str]) -> int:
+    from normlab.lab.runner import default_out, run
 
     if args.resume and not args.out:
-        raise SystemExit("normlab mnist: --resume needs --out RUN_FOLDER (the run to continue)")
-    if args.resume and not (Path(args.out) / "config.json").is_file():
-        raise SystemExit(f"normlab mnist: --resume: {args.out} holds no run (no config.json)")
-    cfg = mnist_config(args)
-    out = Path(args.out) if args.out else default_out(cfg)
+        raise SystemExit(f"normlab {exp.name}: --resume needs --out RUN_FOLDER (the run to continue)")
+    cfg = config_from_args(exp, args)
+    cfg.validate()
+    out = Path(args.out) if args.out else default_out(exp, cfg)
     try:
-        run(cfg, out=out, resume=args.resume, progress=False if args.no_progress else None)
+        run(exp, cfg, out=out, resume=args.resume, progress=False if args.no_progress else None,
+            command=invocation() + argv, quick=args.quick)
     except KeyboardInterrupt:
-        print(f"\nnormlab: interrupted; continue from the last evaluation with: normlab mnist --resume --out {out}",
-              file=sys.stderr)
+        hint = shlex.join([*invocation(), exp.name, "--resume", "--out", str(out)])
+        print(f"\nnormlab: interrupted; continue from the last evaluation with: {hint}", file=sys.stderr)
         return 130
     return 0
 
 
 def _add_plot(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a run folder written by `normlab mnist`")
-    p.add_argument("--out", help="image path (default: RUN/figure1.png)")
+    p.add_argument("run", help="a run folder written by any `normlab EXPERIMENT`")
+    p.add_argument("--out", help="image path; its suffix picks the format (default: the run's figure in RUN)")
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from normlab.lab.plots import plot_figure1
+    from normlab.lab.plots import plot_run
 
-    print(plot_figure1(args.run, args.out))
+    print(plot_run(args.run, args.out))
     return 0
 
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
-    "mnist": ("reproduce the paper's MNIST experiment (Figure 1)", _add_mnist, _run_mnist),
-    "plot": ("redraw figure1.png from a run folder", _add_plot, _run_plot),
-}
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The ``normlab`` argument parser with one subparser per entry of :data:`COMMANDS`."""
+    """The ``normlab`` argument parser: one subparser per registered experiment, then ``plot``."""
+    from normlab.lab import registry
+
     parser = argparse.ArgumentParser(prog="normlab", description="normlab's lab: experiments from the BN paper.")
     parser.add_argument("--version", action="version", version=f"normlab {normlab.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add(p)
-        p.set_defaults(handler=handler)
+    for name, exp in registry.experiments().items():
+        p = sub.add_parser(name, help=exp.title, description=exp.title)
+        add_experiment_flags(p, exp)
+        p.set_defaults(handler=lambda args, argv, exp=exp: _run_experiment(exp, args, argv))
+    p = sub.add_parser("plot", help="redraw a run's figure from its folder",
+                       description="redraw a run's figure from its folder (the experiment is read from config.json)")
+    _add_plot(p)
+    p.set_defaults(handler=lambda args, argv: _run_plot(args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``normlab`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return args.handler(args, argv)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"normlab: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"normlab: error: {e}", file=sys.stderr)
         return 2
 

@@ -64,3 +64,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], T], mode:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8), atomically."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def writable_dir(folder: str | os.PathLike, what: str = "folder") -> bool:
+    """Make sure ``folder`` exists (creating it and its parents) and is writable; returns whether it was created.
+
+    Raises ValueError with one line naming ``what`` and the folder when it cannot be created (no permission, a
+    file in its path) or written.
+    """
+    folder = Path(folder)
+    existed = folder.is_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        raise ValueError(f"cannot create {what} {folder}: {reason}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {what} {folder}: permission denied")
+    return not existed

@@ -6,7 +6,7 @@ use :func:`~normlab.reference.batch_stats` and :func:`~normlab.reference.running
 torch keeps it), and evaluation uses :func:`~normlab.reference.batch_norm_inference`. Linear layers, the
 sigmoid of the network without BN, softmax cross-entropy and SGD are written out here. Everything is float64.
 
-:class:`NumpyNet` has the interface of the torch engine's :class:`normlab.lab.train.TorchNet`.
+:class:`NumpyNet` is an arm of the ``mnist`` experiment, as :class:`normlab.lab.experiment.TorchArm` is.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from normlab import reference as ref
-from normlab.lab.diagnostics import accuracy, sigmoid_input_percentiles, softmax_cross_entropy
+from normlab.diagnostics import percentiles
+from normlab.lab.metrics import accuracy, softmax_cross_entropy
 
 sigmoid, sigmoid_grad = ref.ACTIVATIONS["sigmoid"]
 
@@ -101,7 +102,7 @@ class NumpyMLP:
 class NumpyNet:
     """One network of the experiment (``variant`` ``"plain"`` or ``"bn"``) with its data, SGD and evaluation.
 
-    The same four methods as :class:`normlab.lab.train.TorchNet`: ``train``, ``evaluate``, ``state_dict``,
+    The four methods of an arm (:class:`normlab.lab.experiment.Arm`): ``train``, ``evaluate``, ``state_dict``,
     ``load_state_dict``; states hold float64 torch tensors so that one checkpoint format serves both engines.
 
     Args:
@@ -109,7 +110,7 @@ class NumpyNet:
         weights: the shared initial weights from :func:`normlab.lab.models.init_weights`.
         inputs: :class:`normlab.lab.data.Inputs`, float32.
         order: the :class:`normlab.lab.data.DataOrder` both networks follow.
-        lr, momentum, eps, probe_unit: see :class:`normlab.lab.train.MnistConfig`.
+        lr, momentum, eps, probe_unit: see :class:`normlab.lab.experiments.mnist.MnistConfig`.
     """
 
     def __init__(self, variant, weights, inputs, order, lr, momentum, eps, probe_unit):
@@ -131,7 +132,7 @@ class NumpyNet:
         logits, pre = self.net.predict(self.test_x)
         loss, _ = softmax_cross_entropy(logits, self.test_y)
         return {"test_loss": loss, "test_acc": accuracy(logits, self.test_y),
-                **sigmoid_input_percentiles(pre[:, self.probe_unit])}
+                **percentiles(pre[:, self.probe_unit])}
 
     def state_dict(self) -> dict:
         """Every parameter and running statistic, as float64 torch tensors (copies)."""

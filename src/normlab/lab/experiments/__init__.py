@@ -1,0 +1,1 @@
+"""The experiments, one module each; :mod:`normlab.lab.registry` imports every module here."""
