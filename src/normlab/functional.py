@@ -36,7 +36,9 @@ class _NormFunction(torch.autograd.Function):
         y, mean, rstd, _ = impl.forward(x, w, b, call, stats, running)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.call, ctx.impl = call, impl
-        return y
+        # y may be a view (a reshape of the backend's output), which autograd forbids the next layer to modify in
+        # place (nn.ReLU(inplace=True), as in torchvision's ResNets); detach() is the same data, not a view
+        return y.detach()
 
     @staticmethod
     def backward(ctx, dy):
@@ -186,6 +188,10 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
     """One norm call: with the input's own statistics (folded into ``running`` when given), or with given ``stats =
     (mean, var)``."""
     if torch.compiler.is_compiling():
+        if running is None and torch.compiler.is_exporting():
+            # torch.export / ONNX: plain aten ops, which every exporter and runtime knows (the custom op has no
+            # ONNX translation); nothing to save for a backward, as export graphs are inference graphs
+            return torch_ops.forward_autograd(x, w, b, call, stats)
         y, mean, _, var = _norm_forward_op(x, w, b, *(stats or (None, None)), *_op_args(call))
         if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
             torch_ops.update_running_stats(running, mean, var, call.plan.m)
@@ -218,6 +224,20 @@ def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
 
 def _per_channel(input: torch.Tensor, p: spec.Plan, *named) -> None:
     _check_shapes((p.affine_size,), lambda: f"one per channel of the input of shape {tuple(input.shape)}", *named)
+
+
+# torch.autocast runs group and layer norm in float32 on CUDA (its fp32 list, aten/src/ATen/autocast_mode.cpp), and
+# batch/instance norm, and every norm on the CPU, in the input's dtype: normlab gives the same output dtypes.
+_AUTOCAST_FP32 = {"cuda": ("group", "layer")}
+
+
+def _autocast(kind: str, *tensors):
+    """``tensors`` as autocast would hand them to torch's ``kind`` norm: half-precision ones in float32 where the
+    device's autocast runs that norm in float32 and autocast is on; else as they are."""
+    device = tensors[0].device.type
+    if kind not in _AUTOCAST_FP32.get(device, ()) or not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
 def _running_stats_call(kind, input, use_input_stats, momentum, eps, activation, placement, negative_slope,
@@ -331,6 +351,7 @@ def group_norm(
     Statistics per sample over each group of ``C / num_groups`` channels and S; weight and bias per channel.
     """
     _check_tensor(input)
+    input, weight, bias = _autocast("group", input, weight, bias)
     call = _call("group", input.shape, eps, activation, placement, negative_slope, groups=num_groups)
     _per_channel(input, call.plan, ("weight", weight), ("bias", bias))
     return _norm(input, weight, bias, call)
@@ -352,6 +373,7 @@ def layer_norm(
     Weight and bias have shape ``normalized_shape`` (one value per normalized element).
     """
     _check_tensor(input)
+    input, weight, bias = _autocast("layer", input, weight, bias)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or input.shape[input.dim() - k :] != shape:
