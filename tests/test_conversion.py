@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,3 +429,15 @@ def test_no_warnings_from_clean_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         normlab.convert(_mixed_net(), fuse_activations=True)
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    """The README's "Working with existing models" examples run as written, in order."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Working with existing models") :]
+    section = section[: section.index("\n## ", 1)]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    monkeypatch.chdir(tmp_path)  # the ONNX file lands here
+    with pytest.warns(UserWarning, match="SyncBatchNorm has no normlab twin"):
+        exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "model.onnx").stat().st_size > 0
