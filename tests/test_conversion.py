@@ -106,8 +106,7 @@ def test_resnet18_converted_matches_torch(tv):
 @pytest.mark.parametrize("training", [True, False])
 def test_resnet18_converted_float32_close_to_float64(tv, training):
     """In float32 the outputs and every gradient stay within 1e-3 (relative, L2) of the float64 network's. Measured
-    (seed 0): dx off by 2.1e-4 (torch.nn: 1.4e-4, whose CPU kernels accumulate statistics in double) in training,
-    5.6e-7 (torch.nn: 5.6e-7) in eval."""
+    (seed 0): dx off by 2.1e-4 in training (torch.nn's float32 network: 1.4e-4), 5.6e-7 in eval (torch.nn: 5.6e-7)."""
     theirs = tv.models.resnet18(num_classes=10).train(training)
     ours = normlab.convert(copy.deepcopy(theirs)).model
     exact = theirs.double()
@@ -199,8 +198,11 @@ def test_convert_lists_and_warns_what_it_cannot_convert():
     assert [name for name, _ in skipped] == ["1", "2", "3", "4"]
     assert "SyncBatchNorm has no normlab twin" in skipped[0][1] and "momentum" in skipped[2][1]
     assert [type(m) for m in net] == [nl.BatchNorm2d, nn.SyncBatchNorm, MyBN, nn.BatchNorm2d, nn.RMSNorm, nn.Conv2d]
-    with pytest.warns(UserWarning, match="FrozenBatchNorm2d has no torch.nn twin"):
-        _, skipped = normlab.convert(nn.Sequential(nl.FrozenBatchNorm2d(3), nl.GroupNorm(1, 3)), to="torch")
+    class MyNormlabBN(nl.BatchNorm2d):
+        pass
+
+    with pytest.warns(UserWarning, match="MyNormlabBN has no torch.nn twin"):
+        _, skipped = normlab.convert(nn.Sequential(MyNormlabBN(3), nl.GroupNorm(1, 3)), to="torch")
     assert [name for name, _ in skipped] == ["0"]
 
 
@@ -310,6 +312,26 @@ def test_frozen_batchnorm_matches_torchvision(tv):
     assert nl.FrozenBatchNorm2d(5).eps == 1e-5 and repr(ours) == "FrozenBatchNorm2d(5, eps=0.001)"
 
 
+def test_torchvision_frozen_batchnorm_converts_and_folds(tv):
+    theirs = nn.Sequential(nn.Conv2d(3, 4, 1), tv.ops.FrozenBatchNorm2d(4, eps=1e-3)).double()
+    with torch.no_grad():
+        for b in theirs[1].buffers():
+            b.copy_(torch.rand_like(b) + 0.5)
+    buffers = list(theirs[1].buffers())
+    ours, skipped = normlab.convert(copy.deepcopy(theirs))
+    assert skipped == [] and type(ours[1]) is nl.FrozenBatchNorm2d and ours[1].eps == 1e-3
+    assert type(normlab.convert(theirs).model[1]) is nl.FrozenBatchNorm2d
+    assert all(a is b for a, b in zip(theirs[1].buffers(), buffers, strict=True))  # the very buffers
+    back = normlab.convert(copy.deepcopy(ours), to="torch").model
+    assert type(back[1]) is tv.ops.FrozenBatchNorm2d
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = back(x)
+        torch.testing.assert_close(ours(x), want)
+        torch.testing.assert_close(normlab.fold_bn(back)(x), want)
+    assert type(back[1]) is nn.Identity
+
+
 def test_frozen_batchnorm_fused_and_bad_input():
     ours = nl.FrozenBatchNorm2d(3, activation="silu", dtype=torch.float64)
     with torch.no_grad():
@@ -380,6 +402,13 @@ def test_fold_bn_refuses_training_mode_and_missing_statistics():
         normlab.fold_bn(untracked)
     with pytest.raises(TypeError, match="fold_bn expects a torch.nn.Module, got list"):
         normlab.fold_bn([net])
+    frozen = nn.Sequential(nn.Linear(3, 4), nl.BatchNorm1d(4))
+    normlab.freeze_stats(frozen)  # frozen statistics normalize in training mode too: it folds
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        want = frozen(x)
+        torch.testing.assert_close(normlab.fold_bn(frozen)(x), want)
+    assert type(frozen[1]) is nn.Identity
 
 
 # ---- autocast ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import inspect
+import sys
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -60,14 +62,29 @@ def _activation_of(m: nn.Module) -> tuple[str, float] | None:
     return name, (m.negative_slope if name == "leaky_relu" else nl.LEAKY_SLOPE)
 
 
+def _torchvision_frozen() -> tuple[type[nn.Module], ...]:
+    """``(torchvision.ops.FrozenBatchNorm2d,)`` when torchvision is loaded, else ``()``: a model holding that layer has
+    imported it, and normlab never imports torchvision itself."""
+    cls = getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+    return () if cls is None else (cls,)
+
+
+def _table(to: str) -> dict[type[nn.Module], type[nn.Module]]:
+    """:data:`TWINS` (``to="normlab"``) or its inverse, with torchvision's FrozenBatchNorm2d and normlab's."""
+    table = dict(TWINS) | {cls: nl.FrozenBatchNorm2d for cls in _torchvision_frozen()}
+    return table if to == "normlab" else {v: k for k, v in table.items()}
+
+
 def _config(m: nn.Module) -> dict:
-    """The constructor arguments that rebuild norm layer ``m`` (torch's or normlab's) as its twin."""
+    """The constructor arguments that rebuild norm layer ``m`` (torch's, torchvision's or normlab's) as its twin."""
     bias = {} if getattr(m, "bias", None) is not None or not getattr(m, "affine", True) else {"bias": False}
     if isinstance(m, nn.GroupNorm):
         return {"num_groups": m.num_groups, "num_channels": m.num_channels, "eps": m.eps, "affine": m.affine, **bias}
     if isinstance(m, nn.LayerNorm):
         return {"normalized_shape": m.normalized_shape, "eps": m.eps, "elementwise_affine": m.elementwise_affine,
                 "bias": m.bias is not None or not m.elementwise_affine}
+    if not isinstance(m, nn.modules.batchnorm._NormBase):  # FrozenBatchNorm2d: four buffers and eps
+        return {"num_features": m.running_mean.numel(), "eps": m.eps}
     kw = {"num_features": m.num_features, "eps": m.eps, "momentum": m.momentum, "affine": m.affine,
           "track_running_stats": m.track_running_stats, **bias}
     if isinstance(m, nn.SyncBatchNorm):
@@ -83,7 +100,8 @@ def _device(m: nn.Module) -> torch.device | None:
 
 def _twin(m: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """``cls`` built with ``m``'s configuration, holding ``m``'s own Parameter and buffer tensors and training flag."""
-    new = cls(**_config(m), device=_device(m))
+    where = {"device": _device(m)} if "device" in inspect.signature(cls).parameters else {}  # not torchvision's
+    new = cls(**_config(m), **where)
     for name in new._parameters:
         new._parameters[name] = m._parameters[name]
     for name in new._buffers:  # a buffer only the new class has (num_skipped_updates) keeps its initial value
@@ -116,18 +134,20 @@ def convert(model: nn.Module, to: str = "normlab", *, fuse_activations: bool = F
     container; a layer shared by several parents becomes one shared twin.
 
     ``to="normlab"`` converts torch.nn's BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, GroupNorm and LayerNorm (exact
-    types; see :data:`TWINS`). With ``fuse_activations=True``, a normlab layer directly followed, in an
-    ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` (erf form), ``nn.Sigmoid`` or
-    ``nn.Tanh`` takes that activation fused, and the activation is replaced by ``nn.Identity`` (state_dict keys
-    stay). An activation called in a ``forward`` method (torchvision's ResNet blocks) is not seen and not fused.
+    types; see :data:`TWINS`), and torchvision's FrozenBatchNorm2d when torchvision is loaded. With
+    ``fuse_activations=True``, a normlab layer directly followed, in an ``nn.Sequential``, by ``nn.ReLU``,
+    ``nn.LeakyReLU``, ``nn.SiLU``, ``nn.GELU()`` (erf form), ``nn.Sigmoid`` or ``nn.Tanh`` takes that activation
+    fused, and the activation is replaced by ``nn.Identity`` (state_dict keys stay). An activation called in a
+    ``forward`` method (torchvision's ResNet blocks) is not seen and not fused.
 
-    ``to="torch"`` converts normlab's layers back. A fused layer becomes the torch norm and the activation module:
-    in the Identity its fusion left behind when there is one, else as ``nn.Sequential(norm, activation)`` (or
-    ``(activation, norm)`` for ``placement="after"``), whose state_dict keys gain ``.0``/``.1``.
+    ``to="torch"`` converts normlab's layers back (FrozenBatchNorm2d to torchvision's). A fused layer becomes the
+    torch norm and the activation module: in the Identity its fusion left behind when there is one, else as
+    ``nn.Sequential(norm, activation)`` (or ``(activation, norm)`` for ``placement="after"``), whose state_dict keys
+    gain ``.0``/``.1``.
 
     Norm layers that cannot be converted (torch's SyncBatchNorm, RMSNorm, subclasses, settings normlab refuses such
-    as a momentum outside [0, 1]; normlab's FrozenBatchNorm2d going to torch) are left as they are, listed in the
-    result's ``skipped``, and named in one warning.
+    as a momentum outside [0, 1]) are left as they are, listed in the result's ``skipped``, and named in one
+    warning.
 
     Args:
         model: a ``torch.nn.Module`` (a model, or a single norm layer).
@@ -148,7 +168,7 @@ def convert(model: nn.Module, to: str = "normlab", *, fuse_activations: bool = F
         raise ValueError(f"convert: to must be 'normlab' or 'torch', got {to!r}")
     if fuse_activations and to != "normlab":
         raise ValueError("convert: fuse_activations applies to to='normlab' only")
-    table = TWINS if to == "normlab" else {v: k for k, v in TWINS.items()}
+    table = _table(to)
     skipped: list[tuple[str, str]] = []
     done: dict[nn.Module, nn.Module] = {}  # old layer -> its replacement, so a shared layer is converted once
     seen: set[nn.Module] = set()
@@ -286,12 +306,12 @@ _FOLDABLE_INTO = (nn.modules.conv._ConvNd, nn.Linear)
 def fold_bn(model: nn.Module) -> nn.Module:
     """Fold each eval-mode batch norm into the convolution or linear layer directly before it, for inference.
 
-    Folded pairs are consecutive entries of an ``nn.Sequential``: Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear
-    (on ``(N, features)`` inputs), then a batch norm (torch.nn's or normlab's BatchNorm1d/2d/3d, normlab's
-    FrozenBatchNorm2d). The layer before takes ``w' = w · s`` and ``b' = (b - running_mean) · s + β`` per output
-    channel, ``s = γ / sqrt(running_var + eps)`` (computed in float64, stored in the layer's dtype); the norm becomes
-    ``nn.Identity``, or its fused activation's module (``placement="before"``). Pairs written in a ``forward`` method
-    (``self.bn1(self.conv1(x))``) are not seen, nor norms with an activation placed before them.
+    Folded pairs are consecutive entries of an ``nn.Sequential``: Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear (on
+    ``(N, features)`` inputs), then a batch norm (torch.nn's or normlab's BatchNorm1d/2d/3d, normlab's or
+    torchvision's FrozenBatchNorm2d). The layer before takes ``w' = w · s`` and ``b' = (b - running_mean) · s + β``
+    per output channel, ``s = γ / sqrt(running_var + eps)`` (computed in float64, stored in the layer's dtype); the
+    norm becomes ``nn.Identity``, or its fused activation's module (``placement="before"``). Pairs written in a
+    ``forward`` method (``self.bn1(self.conv1(x))``) are not seen, nor norms with an activation placed before them.
 
     Returns:
         ``model``, changed in place (the folded layers' weights and biases; a bias Parameter is added where there was
@@ -299,19 +319,20 @@ def fold_bn(model: nn.Module) -> nn.Module:
 
     Raises:
         TypeError: ``model`` is not a torch.nn.Module.
-        ValueError: a batch norm to fold is in training mode (call ``model.eval()`` first) or has no running
-            statistics; the message names it. Nothing is changed then.
+        ValueError: a batch norm to fold is in training mode (call ``model.eval()`` first; frozen statistics, see
+            :func:`freeze_stats`, fold in either mode) or has no running statistics; the message names it. Nothing
+            is changed then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn expects a torch.nn.Module, got {type(model).__name__}")
     names = {m: name for name, m in model.named_modules()}
+    norms = (nn.modules.batchnorm._BatchNorm, nl.FrozenBatchNorm2d, *_torchvision_frozen())
     pairs = []
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         keys = list(seq._modules)
         for first, second in zip(keys, keys[1:]):
             layer, bn = seq._modules[first], seq._modules[second]
-            if (isinstance(layer, _FOLDABLE_INTO) and isinstance(bn, (nn.modules.batchnorm._BatchNorm,
-                                                                      nl.FrozenBatchNorm2d))
+            if (isinstance(layer, _FOLDABLE_INTO) and isinstance(bn, norms)
                     and getattr(bn, "placement", "before") == "before"):
                 pairs.append((seq, second, layer, bn))
     for _, _, layer, bn in pairs:  # check everything before changing anything
@@ -322,8 +343,9 @@ def fold_bn(model: nn.Module) -> nn.Module:
         if bn.running_mean is None:
             raise ValueError(f"{where} has no running statistics (track_running_stats=False)")
         out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if out != bn.num_features:
-            raise ValueError(f"{where} has {bn.num_features} channels, but {names[layer]!r} before it gives {out}")
+        if out != bn.running_mean.numel():
+            raise ValueError(f"{where} has {bn.running_mean.numel()} channels, but {names[layer]!r} before it gives "
+                             f"{out}")
     for seq, key, layer, bn in pairs:
         _fold(layer, bn)
         act = getattr(bn, "activation", None)
