@@ -95,25 +95,35 @@ def test_compile_fullgraph_matches_eager(name):
             torch.testing.assert_close(b, a, msg=lambda m, k=k, what=what: f"{what} {k}: {m}")
 
 
+def _inputs(shape):
+    """Inputs of the exported batch size and of another one (the batch dimension is exported as dynamic)."""
+    return [torch.randn(shape) * 2 + 1, torch.randn(7, *shape[1:]) * 2 + 1]
+
+
+DYNAMIC_BATCH = ({0: torch.export.Dim("batch", min=2, max=64)},)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_torch_export_matches_eager(name):
-    """In eval mode the exported program is plain aten ops (no normlab op left) and gives eager's outputs."""
+    """In eval mode the exported program is plain aten ops (no normlab op left) and gives eager's outputs, at any
+    batch size."""
     model, shape = _trained(name)
-    program = torch.export.export(model, (torch.randn(shape),))
+    program = torch.export.export(model, (torch.randn(shape),), dynamic_shapes=DYNAMIC_BATCH)
     assert "normlab" not in str(program.graph)
-    x = torch.randn(shape) * 2 + 1
-    with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-4)
+    for x in _inputs(shape):
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_onnx_matches_eager(name, tmp_path):
-    """Exported to ONNX (torch.onnx.export, dynamo=True) and run by onnxruntime: eager's outputs."""
+    """Exported to ONNX (torch.onnx.export, dynamo=True) and run by onnxruntime: eager's outputs, at any batch
+    size."""
     model, shape = _trained(name)
     path = tmp_path / f"{name}.onnx"
-    torch.onnx.export(model, (torch.randn(shape),), dynamo=True, verbose=False).save(str(path))
+    torch.onnx.export(model, (torch.randn(shape),), dynamic_shapes=DYNAMIC_BATCH, dynamo=True).save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(shape) * 2 + 1
-    (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    with torch.no_grad():
-        np.testing.assert_allclose(y, model(x).numpy(), atol=1e-5, rtol=1e-4)
+    for x in _inputs(shape):
+        (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            np.testing.assert_allclose(y, model(x).numpy(), atol=1e-5, rtol=1e-4)

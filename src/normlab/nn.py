@@ -5,6 +5,8 @@ Each class subclasses its torch.nn namesake, so the constructor arguments, defau
 normlab's. Every class also takes ``activation=None, placement="before", negative_slope=0.01`` (see
 :mod:`normlab.functional`): ``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer. ``eps`` must be > 0 and
 ``momentum`` None or in [0, 1]; both are checked when the layer is built, and the error names the layer.
+:class:`FrozenBatchNorm2d` is torchvision's layer of that name (a plain Module of four buffers) with normlab's
+forward.
 
 Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
 (torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
