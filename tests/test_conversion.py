@@ -248,7 +248,7 @@ def test_freeze_stats_keeps_running_statistics_and_trains_affine():
     for step in range(3):
         x = torch.randn(8, 3, 5, 7, dtype=torch.float64)
         # the eval-mode oracle: torch.nn's layers in eval mode with the same state
-        oracle = normlab.convert(copy.deepcopy(net), to="torch").model.eval()
+        oracle = normlab.convert(normlab.unfreeze_stats(copy.deepcopy(net)), to="torch").model.eval()
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = net(xa), oracle(xb)
         torch.testing.assert_close(ya, yb, atol=1e-12, rtol=1e-10)
@@ -264,6 +264,8 @@ def test_freeze_stats_keeps_running_statistics_and_trains_affine():
         for k, v in net.named_buffers():
             assert torch.equal(v, buffers[k]), f"step {step}: {k} changed"
     assert net[1].training and net[1].stats_frozen
+    with pytest.warns(UserWarning, match="frozen by freeze_stats"):  # torch.nn's layers would update them
+        assert [name for name, _ in normlab.convert(copy.deepcopy(net), to="torch").skipped] == ["1", "4"]
     normlab.unfreeze_stats(net)
     net(torch.randn(8, 3, 5, 7, dtype=torch.float64))
     assert int(net[1].num_batches_tracked) == int(buffers["1.num_batches_tracked"]) + 1
@@ -470,3 +472,24 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="SyncBatchNorm has no normlab twin"):
         exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def test_autocast_float32_policy_path(monkeypatch):
+    """CUDA's autocast runs group and layer norm in float32 (the CUDA path is not run here): that code path, run on
+    the CPU by giving the CPU CUDA's policy, gives float32 outputs equal to the float32 norm of the input, and a
+    bfloat16 input gradient; batch norm keeps the input's dtype."""
+    from normlab import functional
+
+    monkeypatch.setitem(functional._AUTOCAST_FP32, "cpu", ("group", "layer"))
+    x = (torch.randn(4, 6, 5) * 3 + 2).to(torch.bfloat16).requires_grad_()
+    cases = [(nl.GroupNorm(3, 6), lambda t, m: nn.functional.group_norm(t, 3, m.weight, m.bias)),
+             (nl.LayerNorm(5), lambda t, m: nn.functional.layer_norm(t, (5,), m.weight, m.bias))]
+    for layer, oracle in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, oracle(x.detach().float(), layer), atol=1e-5, rtol=1e-5)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        assert dx.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert nl.BatchNorm1d(6)(x).dtype == torch.bfloat16

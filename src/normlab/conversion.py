@@ -210,6 +210,10 @@ def _converted(name: str, m: nn.Module, table: dict, to: str, skipped: list) -> 
     if to == "torch" and getattr(m, "virtual_batch_size", None) is not None:
         skipped.append((name, "ghost batch norm (virtual_batch_size) has no torch.nn twin"))
         return m
+    if to == "torch" and getattr(m, "stats_frozen", False):
+        skipped.append((name, "statistics frozen by freeze_stats, which torch.nn's layer would update in training "
+                              "mode; call unfreeze_stats first"))
+        return m
     try:
         new = _twin(m, table[type(m)])
     except (TypeError, ValueError) as e:
