@@ -473,23 +473,3 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
-
-def test_autocast_float32_policy_path(monkeypatch):
-    """CUDA's autocast runs group and layer norm in float32 (the CUDA path is not run here): that code path, run on
-    the CPU by giving the CPU CUDA's policy, gives float32 outputs equal to the float32 norm of the input, and a
-    bfloat16 input gradient; batch norm keeps the input's dtype."""
-    from normlab import functional
-
-    monkeypatch.setitem(functional._AUTOCAST_FP32, "cpu", ("group", "layer"))
-    x = (torch.randn(4, 6, 5) * 3 + 2).to(torch.bfloat16).requires_grad_()
-    cases = [(nl.GroupNorm(3, 6), lambda t, m: nn.functional.group_norm(t, 3, m.weight, m.bias)),
-             (nl.LayerNorm(5), lambda t, m: nn.functional.layer_norm(t, (5,), m.weight, m.bias))]
-    for layer, oracle in cases:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, oracle(x.detach().float(), layer), atol=1e-5, rtol=1e-5)
-        (dx,) = torch.autograd.grad(y.sum(), x)
-        assert dx.dtype == torch.bfloat16
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert nl.BatchNorm1d(6)(x).dtype == torch.bfloat16

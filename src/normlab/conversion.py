@@ -228,6 +228,8 @@ def _converted(name: str, m: nn.Module, table: dict, to: str, skipped: list) -> 
 
 
 def _fuse_sequentials(model: nn.Module) -> None:
+    """Give each normlab layer directly followed by a fusable activation in a Sequential that activation, and put an
+    Identity in the activation's place."""
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for first, second in zip(names, names[1:]):

@@ -226,16 +226,11 @@ def _per_channel(input: torch.Tensor, p: spec.Plan, *named) -> None:
     _check_shapes((p.affine_size,), lambda: f"one per channel of the input of shape {tuple(input.shape)}", *named)
 
 
-# torch.autocast runs group and layer norm in float32 on CUDA (its fp32 list, aten/src/ATen/autocast_mode.cpp), and
-# batch/instance norm, and every norm on the CPU, in the input's dtype: normlab gives the same output dtypes.
-_AUTOCAST_FP32 = {"cuda": ("group", "layer")}
-
-
-def _autocast(kind: str, *tensors):
-    """``tensors`` as autocast would hand them to torch's ``kind`` norm: half-precision ones in float32 where the
-    device's autocast runs that norm in float32 and autocast is on; else as they are."""
-    device = tensors[0].device.type
-    if kind not in _AUTOCAST_FP32.get(device, ()) or not torch.is_autocast_enabled(device):
+def _autocast_fp32(*tensors):
+    """``tensors`` as CUDA's autocast hands them to torch's group and layer norm, which it runs in float32 (its fp32
+    list, aten/src/ATen/autocast_mode.cpp): half-precision ones in float32 while it is on; else as they are. Batch and
+    instance norm, and every norm under CPU autocast, run in the input's dtype there, and so here."""
+    if not (tensors[0].is_cuda and torch.is_autocast_enabled("cuda")):  # is_cuda: the cheap test first
         return tensors
     return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
@@ -351,7 +346,7 @@ def group_norm(
     Statistics per sample over each group of ``C / num_groups`` channels and S; weight and bias per channel.
     """
     _check_tensor(input)
-    input, weight, bias = _autocast("group", input, weight, bias)
+    input, weight, bias = _autocast_fp32(input, weight, bias)
     call = _call("group", input.shape, eps, activation, placement, negative_slope, groups=num_groups)
     _per_channel(input, call.plan, ("weight", weight), ("bias", bias))
     return _norm(input, weight, bias, call)
@@ -373,7 +368,7 @@ def layer_norm(
     Weight and bias have shape ``normalized_shape`` (one value per normalized element).
     """
     _check_tensor(input)
-    input, weight, bias = _autocast("layer", input, weight, bias)
+    input, weight, bias = _autocast_fp32(input, weight, bias)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or input.shape[input.dim() - k :] != shape:
