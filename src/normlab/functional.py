@@ -2,7 +2,7 @@
 
 Each public function checks its arguments, takes the :class:`~normlab.spec.Call` of the input's shape (built
 once per shape, then cached) and runs it through one backend (:mod:`normlab.backend`: the numba loops, the torch
-path or the Triton kernels), in one of three ways:
+path or the Triton kernels), in one of four ways:
 
 - nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
   directly; nothing is saved;
@@ -10,7 +10,9 @@ path or the Triton kernels), in one of three ways:
   ``(x, mean, rstd)`` and the backward recomputes ``xhat``. In both, the backend's forward also folds the batch's
   statistics into the running buffers (one compiled call on the CPU);
 - under ``torch.compile``: two ``torch.library`` custom ops (``normlab::norm_forward`` and its autograd formula
-  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction.
+  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction;
+- under ``torch.export`` (and so ONNX), where no running buffers are updated: the torch path's textbook forward,
+  plain aten ops that every exporter translates.
 
 Double backward (``create_graph=True``) falls back to autograd through the torch path's textbook forward (so it
 also differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
