@@ -250,3 +250,25 @@ def test_torch_thread_count_is_left_alone():
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "NORMLAB_BACKEND": "numba"})
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 1, 1), (2, 3, 4, 5)])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+def test_output_can_be_modified_in_place(shape, memory, cpu_backend):
+    """The next layer may modify the output in place (nn.ReLU(inplace=True)), with the gradient of doing so."""
+    x = torch.randn(shape, dtype=torch.float64)
+    x = (channels_last(x) if memory == "channels_last" and x.dim() == 4 else x).requires_grad_()
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    runs = [lambda t, ww: F.batch_norm(t, None, None, ww, None, True),
+            lambda t, ww: F.group_norm(t, 1, ww),
+            lambda t, ww: F.layer_norm(t, t.shape[1:], ww.repeat(t[0].numel() // 3).reshape(t.shape[1:]))]
+    oracles = [lambda t, ww: TF.batch_norm(t, None, None, ww, None, True),
+               lambda t, ww: TF.group_norm(t, 1, ww),
+               lambda t, ww: TF.layer_norm(t, t.shape[1:], ww.repeat(t[0].numel() // 3).reshape(t.shape[1:]))]
+    for run, oracle in zip(runs, oracles):
+        grads = []
+        for fn in (run, oracle):
+            y = torch.relu_(fn(x, w))
+            grads.append(torch.autograd.grad(y.sin().sum(), (x, w)))
+        for a, b in zip(*grads):
+            assert_close(a, b, torch.float64)

@@ -6,13 +6,17 @@
 - :mod:`normlab.functional`: torch functions with the hand-derived backward and fused activations.
 - :mod:`normlab.nn`: drop-in layers (torch.nn's classes, normlab's forward).
 - :func:`normlab.precise_bn`: exact population statistics over a set of batches.
+- :mod:`normlab.conversion`: existing models: :func:`convert` (torch.nn's norms to normlab's and back, fusing
+  activations), :func:`freeze_stats` / :func:`unfreeze_stats`, :func:`fold_bn`.
 - backends, chosen in :mod:`normlab.backend`: :mod:`normlab.numba_ops` (compiled CPU loops), :mod:`normlab.torch_ops`
   (tensor operations; the fallback), :mod:`normlab.kernels` (fused Triton kernels; GPU, optional).
 - :mod:`normlab.lab`: the experiments (optional; needs the ``lab`` extra).
 """
 
 from normlab import functional, nn, reference, spec
+from normlab.conversion import convert, fold_bn, freeze_stats, unfreeze_stats
 from normlab.precise import precise_bn
 
-__all__ = ["functional", "nn", "precise_bn", "reference", "spec"]
+__all__ = ["convert", "fold_bn", "freeze_stats", "functional", "nn", "precise_bn", "reference", "spec",
+           "unfreeze_stats"]
 __version__ = "0.1.0"

@@ -2,7 +2,7 @@
 
 Each public function checks its arguments, takes the :class:`~normlab.spec.Call` of the input's shape (built
 once per shape, then cached) and runs it through one backend (:mod:`normlab.backend`: the numba loops, the torch
-path or the Triton kernels), in one of three ways:
+path or the Triton kernels), in one of four ways:
 
 - nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
   directly; nothing is saved;
@@ -10,7 +10,9 @@ path or the Triton kernels), in one of three ways:
   ``(x, mean, rstd)`` and the backward recomputes ``xhat``. In both, the backend's forward also folds the batch's
   statistics into the running buffers (one compiled call on the CPU);
 - under ``torch.compile``: two ``torch.library`` custom ops (``normlab::norm_forward`` and its autograd formula
-  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction.
+  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction;
+- under ``torch.export`` (and so ONNX), where no running buffers are updated: the torch path's textbook forward,
+  plain aten ops that every exporter translates.
 
 Double backward (``create_graph=True``) falls back to autograd through the torch path's textbook forward (so it
 also differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
@@ -36,7 +38,9 @@ class _NormFunction(torch.autograd.Function):
         y, mean, rstd, _ = impl.forward(x, w, b, call, stats, running)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.call, ctx.impl = call, impl
-        return y
+        # y may be a view (a reshape of the backend's output), which autograd forbids the next layer to modify in
+        # place (nn.ReLU(inplace=True), as in torchvision's ResNets); detach() is the same data, not a view
+        return y.detach()
 
     @staticmethod
     def backward(ctx, dy):
@@ -186,6 +190,10 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
     """One norm call: with the input's own statistics (folded into ``running`` when given), or with given ``stats =
     (mean, var)``."""
     if torch.compiler.is_compiling():
+        if running is None and torch.compiler.is_exporting():
+            # torch.export / ONNX: plain aten ops, which every exporter and runtime knows (the custom op has no
+            # ONNX translation); nothing to save for a backward, as export graphs are inference graphs
+            return torch_ops.forward_autograd(x, w, b, call, stats)
         y, mean, _, var = _norm_forward_op(x, w, b, *(stats or (None, None)), *_op_args(call))
         if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
             torch_ops.update_running_stats(running, mean, var, call.plan.m)
@@ -218,6 +226,15 @@ def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
 
 def _per_channel(input: torch.Tensor, p: spec.Plan, *named) -> None:
     _check_shapes((p.affine_size,), lambda: f"one per channel of the input of shape {tuple(input.shape)}", *named)
+
+
+def _autocast_fp32(*tensors):
+    """``tensors`` as CUDA's autocast hands them to torch's group and layer norm, which it runs in float32 (its fp32
+    list, aten/src/ATen/autocast_mode.cpp): half-precision ones in float32 while it is on; else as they are. Batch and
+    instance norm, and every norm under CPU autocast, run in the input's dtype there, and so here."""
+    if not (tensors[0].is_cuda and torch.is_autocast_enabled("cuda")):  # is_cuda: the cheap test first
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)
 
 
 def _running_stats_call(kind, input, use_input_stats, momentum, eps, activation, placement, negative_slope,
@@ -331,6 +348,7 @@ def group_norm(
     Statistics per sample over each group of ``C / num_groups`` channels and S; weight and bias per channel.
     """
     _check_tensor(input)
+    input, weight, bias = _autocast_fp32(input, weight, bias)
     call = _call("group", input.shape, eps, activation, placement, negative_slope, groups=num_groups)
     _per_channel(input, call.plan, ("weight", weight), ("bias", bias))
     return _norm(input, weight, bias, call)
@@ -352,6 +370,7 @@ def layer_norm(
     Weight and bias have shape ``normalized_shape`` (one value per normalized element).
     """
     _check_tensor(input)
+    input, weight, bias = _autocast_fp32(input, weight, bias)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
     k = len(shape)
     if k == 0 or input.dim() < k or input.shape[input.dim() - k :] != shape:

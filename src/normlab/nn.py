@@ -5,6 +5,8 @@ Each class subclasses its torch.nn namesake, so the constructor arguments, defau
 normlab's. Every class also takes ``activation=None, placement="before", negative_slope=0.01`` (see
 :mod:`normlab.functional`): ``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer. ``eps`` must be > 0 and
 ``momentum`` None or in [0, 1]; both are checked when the layer is built, and the error names the layer.
+:class:`FrozenBatchNorm2d` is torchvision's layer of that name (a plain Module of four buffers) with normlab's
+forward.
 
 Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
 (torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
@@ -25,6 +27,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm2d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -62,7 +65,13 @@ class _Fused:
 
 
 class _BatchNorm(_Fused):
-    """normlab's forward for torch.nn's ``_BatchNorm`` subclasses (BatchNorm1d/2d/3d)."""
+    """normlab's forward for torch.nn's ``_BatchNorm`` subclasses (BatchNorm1d/2d/3d).
+
+    ``stats_frozen`` (set by :func:`normlab.freeze_stats`): in training mode too, the running statistics normalize
+    and stay as they are, as in eval mode, while gradients still reach the input, weight and bias.
+    """
+
+    stats_frozen: bool = False
 
     def __init__(
         self,
@@ -94,15 +103,16 @@ class _BatchNorm(_Fused):
         # Parameters and buffers straight from their dicts: Module.__getattr__ costs as much as a small norm.
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        track = self.training and self.track_running_stats
-        pass_buffers = not self.training or self.track_running_stats
+        training = self.training and not self.stats_frozen
+        track = training and self.track_running_stats
+        pass_buffers = not training or self.track_running_stats
         y = F.batch_norm(
             input,
             running_mean if pass_buffers else None,
             running_var if pass_buffers else None,
             params["weight"],
             params["bias"],
-            self.training or running_mean is None,
+            training or running_mean is None,
             self.momentum,
             self.eps,
             self.activation,
@@ -243,3 +253,47 @@ class LayerNorm(_Fused, torch.nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, **self._fused())
+
+
+class FrozenBatchNorm2d(_Fused, torch.nn.Module):
+    """Batch norm over ``(N, C, H, W)`` with fixed statistics and affine parameters, as torchvision's.
+
+    ``weight``, ``bias``, ``running_mean`` and ``running_var`` are ``(C,)`` buffers (nothing trains, nothing
+    updates, in either mode), so the ``state_dict`` is :class:`torchvision.ops.FrozenBatchNorm2d`'s; a batch-norm
+    checkpoint loads too (its ``num_batches_tracked`` is dropped). The forward is normlab's eval-mode batch norm,
+    with an optional fused activation; the input still receives its gradient.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        activation: str | None = None,
+        placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), fill, device=device, dtype=dtype))
+        self._setup(activation, placement, negative_slope)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm2d checkpoint has it; torchvision drops it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}" + super().extra_repr()  # _Fused's: the activation, if any
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 4 or input.shape[1] != self.num_features:
+            raise ValueError(
+                f"FrozenBatchNorm2d({self.num_features}) expects input (N, {self.num_features}, H, W), "
+                f"got shape {tuple(input.shape)}"
+            )
+        buffers = self._buffers
+        return F.batch_norm(input, buffers["running_mean"], buffers["running_var"], buffers["weight"],
+                            buffers["bias"], False, 0.0, self.eps, **self._fused())

@@ -182,7 +182,8 @@ def backward(dy, x, w, b, mean, rstd, call: Call, need_dx: bool = True):
 def forward_autograd(x, w, b, call: Call, stats=None) -> torch.Tensor:
     """:func:`forward`'s output as plain differentiable tensor operations (the textbook formula).
 
-    Used only for double backward, where autograd must also see how mean and rstd depend on x.
+    Used for double backward, where autograd must also see how mean and rstd depend on x, and for export (plain
+    aten ops, see :func:`normlab.functional._norm`).
     """
     p = call.plan
     a = _normalized(x, call)                                           # (N, G, K, R)
