@@ -204,6 +204,10 @@ def test_a_lost_rank_is_a_clear_error(how, collective, tmp_path):
              for r in range(2)]
     try:
         out, err = procs[0].communicate(timeout=120)  # the group's timeout is 5 s; this only bounds a broken test
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+        out, err = procs[0].communicate()
+        pytest.fail(f"rank 0 still running after 120 s:\n{out}\n{err}")
     finally:
         procs[1].kill()
         procs[1].communicate()
@@ -320,14 +324,14 @@ def test_compile_fullgraph_single_process():
     def net():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nl.SyncBatchNorm(4, activation="relu"),
-                                   torch.nn.Conv2d(4, 2, 1), nl.SyncBatchNorm(2))
+                                   torch.nn.Conv2d(4, 2, 1), nl.SyncBatchNorm(2)).double()
 
     eager, compiled = net(), net()
     run = torch.compile(compiled, fullgraph=True)
     for training in (True, False):
         eager.train(training)
         compiled.train(training)
-        x = torch.randn(3, 3, 6, 5)
+        x = torch.randn(3, 3, 6, 5, dtype=torch.float64)
         xs = [x.clone().requires_grad_() for _ in range(2)]
         ys = [eager(xs[0]), run(xs[1])]
         for y in ys:
