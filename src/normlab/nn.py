@@ -81,7 +81,8 @@ class _BatchNorm(_Fused):
         placement: str = "before",
         negative_slope: float = LEAKY_SLOPE,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)  # by name: SyncBatchNorm takes process_group where the others take device
         self._setup(activation, placement, negative_slope)
         self.register_buffer("num_skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._warned_skipped = False
