@@ -53,28 +53,37 @@ def _spawn(fn, world: int, *args) -> None:
         mp.start_processes(_entry, (world, os.path.join(d, "store"), fn, args), nprocs=world, start_method="spawn")
 
 
-def _close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}")
+def _close(actual, expected, what, tol=TOL, scale=1.0):
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=tol["atol"] * scale, rtol=tol["rtol"] * scale,
+                               msg=lambda m: f"rank {dist.get_rank()}, {what}: {m}")
 
 
 # ---- the checks each rank runs -----------------------------------------------------------------------------------
 
-# (trailing shape (C, *S), activation, placement, negative_slope, affine, momentum, channels_last)
+# (trailing shape (C, *S), activation, placement, negative_slope, affine, momentum, channels_last, input dtype)
 CASES = [
-    ((3,), None, "before", 0.01, True, 0.1, False),
-    ((2, 5), "relu", "before", 0.01, True, 0.1, False),
-    ((3, 2, 3), "silu", "after", 0.01, True, None, False),
-    ((3, 5, 1), "leaky_relu", "before", 0.2, True, 0.3, True),
-    ((2, 1, 3, 2), None, "before", 0.01, False, 0.1, False),
+    ((3,), None, "before", 0.01, True, 0.1, False, torch.float64),
+    ((2, 5), "relu", "before", 0.01, True, 0.1, False, torch.float64),
+    ((3, 2, 3), "silu", "after", 0.01, True, None, False, torch.float64),
+    ((3, 5, 1), "leaky_relu", "before", 0.2, True, 0.3, True, torch.float64),
+    ((2, 1, 3, 2), None, "before", 0.01, False, 0.1, False, torch.float64),
+    ((3, 7), "relu", "before", 0.01, True, 0.1, False, torch.float32),
+    ((2, 3, 5), None, "before", 0.01, True, 0.1, False, torch.bfloat16),  # float32 parameters, as under autocast
 ]
+# float32 and bfloat16 against torch.nn in float64 on the same rounded values (as tests/conftest.py); dw, db: ×10
+DTYPE_TOL = {torch.float64: TOL, torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 3e-2,
+                                                                                               "rtol": 3e-2}}
 
 
 def _check_layers(rank: int, world: int) -> None:
     shards = SHARDS[world]
     for backend_name in ("torch", "numba"):
         os.environ["NORMLAB_BACKEND"] = backend_name
-        for tail, act, placement, slope, affine, momentum, cl in CASES:
-            what = f"{backend_name} {tail} {act} {placement} affine={affine} momentum={momentum} cl={cl}"
+        for tail, act, placement, slope, affine, momentum, cl, dtype in CASES:
+            if backend_name == "numba" and dtype == torch.bfloat16:
+                continue  # the numba loops take float32 and float64
+            what = f"{backend_name} {dtype} {tail} {act} {placement} affine={affine} momentum={momentum} cl={cl}"
+            tol = DTYPE_TOL[dtype]
             torch.manual_seed(0)
             C = tail[0]
             ref = TORCH_BN[len(tail) + 1](C, momentum=momentum, affine=affine, dtype=torch.float64)
@@ -83,40 +92,42 @@ def _check_layers(rank: int, world: int) -> None:
                     ref.weight.uniform_(0.5, 1.5)
                     ref.bias.normal_()
             f = TORCH_ACT.get(act)
+            pdt = torch.float64 if dtype == torch.float64 else torch.float32
             ours = nl.SyncBatchNorm(C, momentum=momentum, affine=affine, activation=act, placement=placement,
-                                    negative_slope=slope, dtype=torch.float64)
+                                    negative_slope=slope, dtype=pdt)
             ours.load_state_dict(ref.state_dict())
             model = distributed.DistributedDataParallel(ours) if affine else ours
             for step in range(2):
-                x_all = torch.randn(sum(shards), *tail, dtype=torch.float64) * 3 + 1
+                x_all = (torch.randn(sum(shards), *tail, dtype=torch.float64) * 3 + 1).to(dtype)
                 if cl:
                     x_all = x_all.contiguous(memory_format=torch.channels_last)
                 g_all = torch.randn_like(x_all)
-                xr = x_all.clone().requires_grad_()
+                xr = x_all.double().requires_grad_()
                 yr = ref(f(xr)) if placement == "after" else ref(xr)
                 yr = f(yr) if (f is not None and placement == "before") else yr
-                (yr * g_all).sum().backward()
+                (yr * g_all.double()).sum().backward()
                 start = sum(shards[:rank])
                 sl = slice(start, start + shards[rank])
                 x = x_all[sl].detach().clone().requires_grad_()
                 y = model(x)
+                assert y.dtype == dtype
                 (y * g_all[sl]).sum().backward()
-                _close(y, yr[sl], f"{what} step {step} y")
-                _close(x.grad, xr.grad[sl], f"{what} step {step} dx")
+                _close(y, yr[sl], f"{what} step {step} y", tol)
+                _close(x.grad, xr.grad[sl], f"{what} step {step} dx", tol)
                 if affine:  # DDP averages over the ranks: the global gradient is world * the average
-                    _close(ours.weight.grad * world, ref.weight.grad, f"{what} step {step} dw")
-                    _close(ours.bias.grad * world, ref.bias.grad, f"{what} step {step} db")
+                    _close(ours.weight.grad * world, ref.weight.grad, f"{what} step {step} dw", tol, 10)
+                    _close(ours.bias.grad * world, ref.bias.grad, f"{what} step {step} db", tol, 10)
                     ours.zero_grad()
                     ref.zero_grad()
             for name in ("running_mean", "running_var", "num_batches_tracked"):
-                _close(getattr(ours, name), getattr(ref, name), f"{what} {name}")
+                _close(getattr(ours, name), getattr(ref, name), f"{what} {name}", tol)
             assert int(ours.num_skipped_updates) == 0
             # eval: the running statistics, no collective (a rank alone could not hang)
             ours.eval()
             ref.eval()
-            xe = torch.randn(3, *tail, dtype=torch.float64)
-            ye = ref(f(xe)) if placement == "after" else ref(xe)
-            _close(ours(xe), f(ye) if (f is not None and placement == "before") else ye, f"{what} eval")
+            xe = torch.randn(3, *tail, dtype=torch.float64).to(dtype)
+            ye = ref(f(xe.double())) if placement == "after" else ref(xe.double())
+            _close(ours(xe), f(ye) if (f is not None and placement == "before") else ye, f"{what} eval", tol)
     os.environ.pop("NORMLAB_BACKEND")
 
 
