@@ -170,10 +170,11 @@ class _SyncNorm(torch.autograd.Function):
             f = activations.get(call.activation, call.negative_slope)
             xhat = (torch_ops._normalized(x, call) - torch_ops._stat4(mean, p, cdt)) * torch_ops._stat4(rstd, p, cdt)
             k = torch_ops._stat4(rstd.reshape(-1) * w_ / max(ctx.n, 1), p, cdt)  # (1, C, 1, 1)
-            da = k * (torch_ops._stat4(sums[0], p, cdt) + xhat * torch_ops._stat4(sums[1], p, cdt))
+            # the global terms of da: rstd * w * (Σ dz + xhat * Σ dz * xhat) / n
+            da_global = k * (torch_ops._stat4(sums[0], p, cdt) + xhat * torch_ops._stat4(sums[1], p, cdt))
             if f is not None and call.placement == "after":
-                da = da * f.grad(torch_ops.view4(x, p).to(cdt))
-            dx = torch_ops.unview((torch_ops.view4(dx, p).to(cdt) - da).to(x.dtype), x, p)
+                da_global = da_global * f.grad(torch_ops.view4(x, p).to(cdt))
+            dx = torch_ops.unview((torch_ops.view4(dx, p).to(cdt) - da_global).to(x.dtype), x, p)
         dw = dw.to(w.dtype) if need[1] else None
         db = db.to(b.dtype) if need[2] else None
         return (dx if need[0] else None, dw, db) + (None,) * 7
