@@ -210,8 +210,9 @@ print("rank", rank, "finished")
 @pytest.mark.parametrize("how, collective", [("exit", "all_gather of the batch statistics"),
                                              ("hang", "all_reduce of the gradient sums")])
 def test_a_lost_rank_is_a_clear_error(how, collective, tmp_path):
+    env = {**_env(), "NORMLAB_BACKEND": "torch"}  # no numba compile on a cold cache within the 5 s timeout
     procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r), str(tmp_path / "store"), how],
-                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     try:
         out, err = procs[0].communicate(timeout=120)  # the group's timeout is 5 s; this only bounds a broken test
