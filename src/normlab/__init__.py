@@ -6,6 +6,8 @@
 - :mod:`normlab.functional`: torch functions with the hand-derived backward and fused activations.
 - :mod:`normlab.nn`: drop-in layers (torch.nn's classes, normlab's forward).
 - :func:`normlab.precise_bn`: exact population statistics over a set of batches.
+- :mod:`normlab.distributed`: what :class:`normlab.nn.SyncBatchNorm` and ``precise_bn`` do across the ranks of a
+  torch.distributed process group.
 - backends, chosen in :mod:`normlab.backend`: :mod:`normlab.numba_ops` (compiled CPU loops), :mod:`normlab.torch_ops`
   (tensor operations; the fallback), :mod:`normlab.kernels` (fused Triton kernels; GPU, optional).
 - :mod:`normlab.lab`: the experiments (optional; needs the ``lab`` extra).
