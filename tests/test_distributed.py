@@ -266,6 +266,29 @@ def test_single_process_is_batchnorm(act, placement):
         torch.testing.assert_close(a, b, **TOL, msg=k)
 
 
+def test_group_of_one_rank_is_batchnorm(tmp_path, monkeypatch):
+    """An initialized group of one rank: no collective, BatchNorm's results."""
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective was called")
+
+    monkeypatch.setattr(distributed, "all_gather", no_collective)
+    monkeypatch.setattr(distributed, "_all_reduce", no_collective)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ours, twin = nl.SyncBatchNorm(3, activation="relu"), nl.BatchNorm1d(3, activation="relu")
+        x = torch.randn(6, 3, 4)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [ours(xs[0]), twin(xs[1])]
+        for y in ys:
+            y.sum().backward()
+        torch.testing.assert_close(ys[0], ys[1])
+        torch.testing.assert_close(xs[0].grad, xs[1].grad)
+        torch.testing.assert_close(ours.running_var, twin.running_var)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_state_dict_is_torchs_and_input_checks():
     ours, theirs = nl.SyncBatchNorm(5), torch.nn.SyncBatchNorm(5)
     assert isinstance(ours, torch.nn.SyncBatchNorm)
