@@ -36,7 +36,7 @@ def _gelu_grad(v):
 def _leaky_relu(slope: float) -> Activation:
     return Activation(
         lambda v: torch.nn.functional.leaky_relu(v, slope),
-        lambda v: torch.where(v > 0, 1.0, slope).to(v.dtype),
+        lambda v: torch.full_like(v, slope).masked_fill_(v > 0, 1.0),  # slope in v.dtype, not float32
     )
 
 

@@ -24,8 +24,7 @@ from normlab import nn as nl
 # ---- the twins --------------------------------------------------------------------------------------------------
 
 # torch.nn class -> normlab class. Exact types: a subclass of a torch norm may change its forward, so it is listed as
-# not converted rather than guessed at. torch.nn.SyncBatchNorm has no twin yet; normlab's SyncBatchNorm registers
-# itself here (``TWINS[torch.nn.SyncBatchNorm] = normlab.nn.SyncBatchNorm``), and _config passes its process group.
+# not converted rather than guessed at. SyncBatchNorm keeps its process group (see _config).
 TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: nl.BatchNorm1d,
     nn.BatchNorm2d: nl.BatchNorm2d,
@@ -35,6 +34,7 @@ TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.InstanceNorm3d: nl.InstanceNorm3d,
     nn.GroupNorm: nl.GroupNorm,
     nn.LayerNorm: nl.LayerNorm,
+    nn.SyncBatchNorm: nl.SyncBatchNorm,
 }
 
 # torch's norm layers that convert should meet (a layer of these kinds it cannot convert is listed and warned about).
@@ -145,7 +145,7 @@ def convert(model: nn.Module, to: str = "normlab", *, fuse_activations: bool = F
     ``nn.Sequential(norm, activation)`` (or ``(activation, norm)`` for ``placement="after"``), whose state_dict keys
     gain ``.0``/``.1``.
 
-    Norm layers that cannot be converted (torch's SyncBatchNorm, RMSNorm, subclasses, settings normlab refuses such
+    Norm layers that cannot be converted (RMSNorm, subclasses, settings normlab refuses such
     as a momentum outside [0, 1]) are left as they are, listed in the result's ``skipped``, and named in one
     warning.
 

@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from normlab import distributed
 from normlab import functional as F
 from normlab.spec import LEAKY_SLOPE, check_activation, check_eps, check_momentum
 
@@ -33,6 +34,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
+    "SyncBatchNorm",
 ]
 
 
@@ -88,7 +90,8 @@ class _BatchNorm(_Fused):
         placement: str = "before",
         negative_slope: float = LEAKY_SLOPE,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)  # by name: SyncBatchNorm takes process_group where the others take device
         self._setup(activation, placement, negative_slope)
         self.register_buffer("num_skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._warned_skipped = False
@@ -106,7 +109,7 @@ class _BatchNorm(_Fused):
         training = self.training and not self.stats_frozen
         track = training and self.track_running_stats
         pass_buffers = not training or self.track_running_stats
-        y = F.batch_norm(
+        y = self._batch_norm(
             input,
             running_mean if pass_buffers else None,
             running_var if pass_buffers else None,
@@ -124,6 +127,9 @@ class _BatchNorm(_Fused):
         if track and not self._warned_skipped and input.is_cpu:
             self._warn_skipped()
         return y
+
+    def _batch_norm(self, *args, **kwargs) -> torch.Tensor:
+        return F.batch_norm(*args, **kwargs)
 
     def train(self, mode: bool = True):
         if not mode:
@@ -154,6 +160,50 @@ class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
     """Batch norm over ``(N, C, D, H, W)``: torch.nn.BatchNorm3d with normlab's forward."""
+
+
+class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
+    """Batch norm over ``(N, C, *S)`` with the statistics of the global batch of a torch.distributed process group.
+
+    torch.nn.SyncBatchNorm with normlab's forward (see :mod:`normlab.distributed`): in training, with an initialized
+    group of more than one rank, every rank's shard (of any size, empty included) is normalized with the exact
+    statistics of all shards together; otherwise (eval, one process, no group) it is normlab's BatchNorm. Takes the
+    fused activation like the other layers. ``process_group``: None (the default group) or a ProcessGroup.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
+    ) -> None:
+        distributed.check_process_group(process_group, type(self).__name__)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         activation=activation, placement=placement, negative_slope=negative_slope)
+        self.process_group = process_group
+
+    def _batch_norm(self, *args, **kwargs) -> torch.Tensor:
+        group = distributed.sync_group(self.process_group) if self.training else None
+        if group is None:
+            return F.batch_norm(*args, **kwargs)
+        return distributed.sync_batch_norm(*args, group=group, who=f"{type(self).__name__}({self.num_features})",
+                                           **kwargs)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """``module`` with every batch-norm layer, torch.nn's or normlab's, replaced by a normlab SyncBatchNorm that
+        shares its parameters and buffers and keeps its training flag, activation, placement and negative slope."""
+        return distributed.convert_sync_batchnorm(cls, module, process_group)
 
 
 class _InstanceNorm(_Fused):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from normlab import activations
+from normlab.distributed import all_gather, check_process_group, local_batch_stats, merge_moments
 from normlab.spec import LEAKY_SLOPE, plan
 from normlab.torch_ops import view4
 
@@ -31,11 +32,34 @@ class _Pooled:
         if self.mean is None:
             self.n, self.mean, self.m2 = n_b, mean, m2
             return
-        n = self.n + n_b
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2 + delta * delta * (self.n * n_b / n)
-        self.n = n
+        n = torch.tensor([self.n, n_b], dtype=torch.float64, device=mean.device)
+        _, self.mean, self.m2 = merge_moments(n, torch.stack((self.mean, mean)), torch.stack((self.m2, m2)))
+        self.n += n_b
+
+
+def _pool_across(pooled: dict, failed: bool, group) -> list[int]:
+    """Pool every layer's moments over the ranks of ``group`` in one all_gather, in place; returns the ranks whose
+    own pass failed (and then pools nothing)."""
+    layers = list(pooled)
+    device = layers[0].running_mean.device
+    parts = [torch.tensor([float(failed)], dtype=torch.float64, device=device)]
+    for m in layers:
+        zeros = torch.zeros(m.running_mean.numel(), dtype=torch.float64, device=device)
+        p = pooled[m]
+        parts += [torch.tensor([float(p.n)], dtype=torch.float64, device=device),
+                  zeros if p.mean is None else p.mean, zeros if p.m2 is None else p.m2]
+    rows = all_gather(torch.cat(parts), group, "precise_bn")          # (W, 1 + Σ (1 + 2C))
+    bad = rows[:, 0].nonzero().flatten().tolist()
+    if bad:
+        return bad
+    start = 1
+    for m in layers:
+        c = m.running_mean.numel()
+        n, mean, m2 = rows[:, start], rows[:, start + 1 : start + 1 + c], rows[:, start + 1 + c : start + 1 + 2 * c]
+        n, pooled[m].mean, pooled[m].m2 = merge_moments(n, mean, m2)
+        pooled[m].n = int(n)
+        start += 1 + 2 * c
+    return []
 
 
 def _input_of(batch: Any, key: Any, input_fn: Callable[[Any], Any] | None, index: int) -> Any:
@@ -65,6 +89,7 @@ def precise_bn(
     model: torch.nn.Module,
     batches: Iterable,
     num_batches: int | None = None,
+    process_group=None,
     *,
     key: Any = None,
     input_fn: Callable[[Any], Any] | None = None,
@@ -79,11 +104,19 @@ def precise_bn(
     keep dropout out). Training flags and every other buffer (``num_batches_tracked``, ``num_skipped_updates``) are
     restored; if anything fails (a batch with non-finite statistics included), every buffer is left as it was.
 
+    With a ``process_group`` (a ``torch.distributed.ProcessGroup``, e.g. ``torch.distributed.group.WORLD``), every
+    rank of the group calls it with its own batches (any number of them, none included) and every rank receives
+    the statistics pooled exactly over all ranks' batches: one all_gather of each layer's count, mean and sum of
+    squared deviations per rank, merged in float64. If any rank's pass fails, every rank raises and keeps its
+    buffers. SyncBatchNorm layers normalize each batch with its own statistics during the pass (no collective per
+    batch), so the result equals precise_bn over all ranks' batches in one process.
+
     Args:
         model: the network.
         batches: an iterable of batches: input tensors, tuples/lists whose first item is the input (a DataLoader),
             or dicts whose ``key`` item is the input.
         num_batches: use at most this many batches (all when None).
+        process_group: pool across the ranks of this group; None: this process's batches only.
         key: the input's key in dict batches.
         input_fn: takes the model's input from a batch of any kind (overrides the rules above); what it returns
             is passed to the model as is.
@@ -91,6 +124,7 @@ def precise_bn(
     Returns:
         ``model``, updated in place.
     """
+    check_process_group(process_group, "precise_bn")
     layers = [
         m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
@@ -115,11 +149,24 @@ def precise_bn(
     try:
         for m in layers:
             m.train()
-        for batch_index, batch in enumerate(batches):  # record() reads batch_index
-            if num_batches is not None and batch_index >= num_batches:
-                break
-            x = _input_of(batch, key, input_fn, batch_index)
-            model(x.to(device) if (device is not None and isinstance(x, torch.Tensor)) else x)
+        error = None
+        try:
+            with local_batch_stats():
+                for batch_index, batch in enumerate(batches):  # record() reads batch_index
+                    if num_batches is not None and batch_index >= num_batches:
+                        break
+                    x = _input_of(batch, key, input_fn, batch_index)
+                    model(x.to(device) if (device is not None and isinstance(x, torch.Tensor)) else x)
+        except Exception as e:
+            if process_group is None:
+                raise
+            error = e  # the other ranks wait for this one's statistics: tell them, then raise
+        if process_group is not None:
+            failed = _pool_across(pooled, error is not None, process_group)
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(f"precise_bn: rank(s) {failed} failed; every buffer is left as it was")
         for m in layers:
             if pooled[m].n < 2:
                 raise ValueError(
