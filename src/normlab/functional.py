@@ -447,11 +447,41 @@ def _renorm_rd(input, running_mean, running_var, rmax, dmax, call: Call) -> tupl
         a = f.fn(a)
     var, mean = torch.var_mean(a, dim=p.stat_axes, correction=0)             # (1, C) each
     rdt = running_mean.dtype
-    mean, sigma_b = mean.reshape(-1).to(rdt), (var.reshape(-1) + call.eps).sqrt().to(rdt)
-    sigma = (running_var + call.eps).sqrt()                                   # (C,)
-    r = (sigma_b / sigma).clamp(1 / rmax, rmax)
-    d = ((mean - running_mean) / sigma).clamp(-dmax, dmax)
+    args = (mean.reshape(-1).to(rdt), var.reshape(-1).to(rdt), running_mean, running_var, rmax, dmax, call.eps)
+    # Under torch.compile r and d come from an op of their own: AOTAutograd's partitioner would otherwise recompute
+    # them in the backward from the running buffers, which the forward has updated by then (pytorch#197039).
+    if not torch.compiler.is_compiling():
+        return _renorm_rd_impl(*args)
+    rmax, dmax = (t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=rdt) for t in (rmax, dmax))
+    return _renorm_rd_op(*args[:4], rmax, dmax, call.eps)
+
+
+def _renorm_rd_impl(mean, var, running_mean, running_var, rmax, dmax, eps: float):
+    """``r = clip(σB / σ, 1/rmax, rmax)``, ``d = clip((μB - μ) / σ, -dmax, dmax)``; all ``(C,)`` (rmax, dmax: 0-D
+    tensors or numbers)."""
+    sigma = (running_var + eps).sqrt()                                        # (C,) σ
+    r = ((var + eps).sqrt() / sigma).clamp(1 / rmax, rmax)                   # (C,)
+    d = ((mean - running_mean) / sigma).clamp(-dmax, dmax)                  # (C,)
     return r, d
+
+
+@torch.library.custom_op("normlab::renorm_rd", mutates_args=())
+def _renorm_rd_op(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    rmax: torch.Tensor,
+    dmax: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_renorm_rd_impl` as one op (rmax and dmax as 0-D tensors)."""
+    return _renorm_rd_impl(mean, var, running_mean, running_var, rmax, dmax, eps)
+
+
+@_renorm_rd_op.register_fake
+def _(mean, var, running_mean, running_var, rmax, dmax, eps):
+    return torch.empty_like(mean), torch.empty_like(mean)
 
 
 def instance_norm(

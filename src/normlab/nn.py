@@ -139,7 +139,7 @@ class _BatchNorm(_Fused):
             negative_slope=self.negative_slope,
             num_batches_tracked=buffers["num_batches_tracked"] if track else None,
             num_skipped=buffers["num_skipped_updates"] if track else None,
-            virtual_batch_size=self.virtual_batch_size,
+            virtual_batch_size=self.virtual_batch_size if self.training else None,  # eval: plain batch norm
         )
         if track and not self._warned_skipped and input.is_cpu:
             self._warn_skipped()
