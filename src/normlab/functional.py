@@ -232,50 +232,61 @@ def _norm_stats(x, w, b, call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 # ---- ghost batch norm: each virtual batch of v samples normalized with its own statistics --------------------------
-# Virtual batch j of x (n, C, *S) holds samples j*v .. j*v+v-1; viewed as (n/v, C, v, R) it is one instance of an
-# instance norm (statistics per (j, c) over (v, R), weight and bias per channel). Where channels are innermost in
-# memory ((N, C) and channels_last) that view is a channels_last tensor and costs no copy; a contiguous (N, C, *S)
-# input with positions has its virtual batches' values interleaved with other channels', and is copied once.
+# Virtual batch j of x (n, C, *S) holds samples j*v .. j*v+v-1; the k = n/v virtual batches are normalized by one
+# norm call over a rearranged copy of x (spec's (N, G, K, R) view cannot pool over a part of N):
+# - channels innermost in memory ((N, C) and channels_last): batch norm of (v, k*C, R), whose k*C "channels" are
+#   (virtual batch, channel) pairs, stored channels innermost (the backends' fast row sweep), weight repeated k times;
+# - otherwise: instance norm of (k, C, v*R), each instance one virtual batch, with the per-channel weight.
 
 
-def _virtual(x: torch.Tensor, v: int) -> tuple[torch.Tensor, bool]:
-    """``x`` ``(n, C, *S)`` (n a multiple of v) as ``(n/v, C, v, R)``, and whether channels are innermost."""
+def _virtual(x: torch.Tensor, v: int) -> tuple[torch.Tensor, str]:
+    """``x`` ``(n, C, *S)`` (n a multiple of v) rearranged (one copy) for one norm call, and that call's kind."""
     n, c = x.shape[0], x.shape[1]
-    r = x.numel() // max(n * c, 1)
-    if x.dim() == 2 or torch_ops.is_channels_last(x):  # memory (n, *S, C): a permuted view
-        return x.movedim(1, -1).reshape(n // v, v, r, c).permute(0, 3, 1, 2), True
-    return x.reshape(n // v, v, c, r).transpose(1, 2).contiguous(), False
+    k, r = n // v, x.numel() // max(n * c, 1)
+    if x.dim() == 2 or torch_ops.is_channels_last(x):  # memory (n, *S, C)
+        xv = x.movedim(1, -1).reshape(k, v, r, c).permute(1, 2, 0, 3).contiguous()      # (v, R, k, C)
+        xv = xv.reshape(v, r, k * c).movedim(-1, 1)                                      # (v, k*C, R) R-major
+        return (xv.unsqueeze(-1) if r > 1 else xv.squeeze(-1)), "batch"                # channels_last or 2-D
+    return x.reshape(k, v, c, r).transpose(1, 2).reshape(k, c, v * r), "instance"        # (k, C, v*R)
 
 
-def _unvirtual(y: torch.Tensor, like: torch.Tensor, channels_inner: bool) -> torch.Tensor:
-    """Inverse of :func:`_virtual`: ``(n/v, C, v, R)`` back to ``like``'s shape and memory format."""
+def _unvirtual(y: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+    """Inverse of :func:`_virtual`: back to ``like``'s shape and memory format."""
     n, c = like.shape[0], like.shape[1]
-    if channels_inner:
-        return y.permute(0, 2, 3, 1).reshape(n, *like.shape[2:], c).movedim(-1, 1)
-    return y.transpose(1, 2).reshape(like.shape)
+    if kind == "instance":                                                               # y (k, C, v*R)
+        k = y.shape[0]
+        return y.reshape(k, c, n // k, -1).transpose(1, 2).reshape(like.shape)
+    v = y.shape[0]                                                                       # y (v, k*C, R[, 1])
+    y = y.reshape(v, y.shape[1], -1).movedim(1, -1)                                      # (v, R, k*C)
+    y = y.reshape(v, y.shape[1], n // v, c).permute(2, 0, 1, 3)                          # (k, v, R, C)
+    return y.reshape(n, *like.shape[2:], c).movedim(-1, 1)
 
 
 def _ghost_batch_norm(input, weight, bias, v: int, call: Call, running: Running | None) -> torch.Tensor:
-    """Ghost batch norm (training): the whole virtual batches in one instance-norm call, a smaller last one (the
-    remainder) in one more; then one running-statistics update from all virtual batches' statistics, each weighed
-    by its number of samples (see :func:`batch_norm`)."""
-    n = input.shape[0]
+    """Ghost batch norm (training): the whole virtual batches in one norm call, a smaller last one (the remainder)
+    in one more; then one running-statistics update from all virtual batches' statistics, each weighed by its
+    number of samples (see :func:`batch_norm`)."""
+    n, c = input.shape[0], input.shape[1]
     full = n - n % v
     parts = [(input[:full], v)] if full else []
     if n > full:
         parts.append((input[full:], n - full))
     ys, stats = [], []
     for part, size in parts:  # one or two calls, never one per virtual batch
-        xv, inner = _virtual(part, size)
-        if xv.shape[2] * xv.shape[3] == 1:
+        xv, kind = _virtual(part, size)
+        pcall = _call(kind, tuple(xv.shape), call.eps, call.activation, call.placement, call.negative_slope)
+        if pcall.plan.m == 1:
             raise ValueError(
                 f"ghost batch norm: a virtual batch of {size} sample(s) of input size {tuple(input.shape)} has 1 value "
                 "per channel; expected more than 1 value per channel when training"
             )
-        pcall = _call("instance", tuple(xv.shape), call.eps, call.activation, call.placement, call.negative_slope)
-        y, mean, var = _norm_stats(xv, weight, bias, pcall)
-        ys.append(_unvirtual(y, part, inner))
-        stats.append((mean, var, size, pcall.plan.m))
+        k = part.shape[0] // size
+        w, b = weight, bias
+        if kind == "batch" and k > 1:
+            w, b = (None if weight is None else weight.repeat(k)), (None if bias is None else bias.repeat(k))
+        y, mean, var = _norm_stats(xv, w, b, pcall)
+        ys.append(_unvirtual(y, part, kind))
+        stats.append((mean.reshape(-1, c), var.reshape(-1, c), size, pcall.plan.m))
     if running is not None:
         _fold_virtual(running, stats, n)
     return ys[0] if len(ys) == 1 else torch.cat(ys)
