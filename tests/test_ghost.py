@@ -183,8 +183,9 @@ def test_torch_compile_fullgraph():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nl.BatchNorm2d(4, activation="relu", virtual_batch_size=2),
                                    torch.nn.Flatten(), nl.BatchNorm1d(144, virtual_batch_size=3))
 
+    torch._dynamo.reset()  # no graphs of other tests in the recompile accounting
     eager, compiled = net(), net()
-    run = torch.compile(compiled, fullgraph=True)
+    run = torch.compile(compiled, fullgraph=True, dynamic=False)  # a graph per batch size (README)
     for n in (6, 8):  # 8: virtual batches of 3, 3 and 2 in the second layer
         x = torch.randn(n, 3, 8, 8)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()

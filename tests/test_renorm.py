@@ -198,6 +198,7 @@ def test_torch_compile_fullgraph():
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), nl.BatchRenorm2d(4, activation="relu", momentum=0.3),
                                    torch.nn.Flatten(), nl.BatchRenorm1d(144, rmax=1.2, dmax=0.2))
 
+    torch._dynamo.reset()  # no graphs of other tests in the recompile accounting
     eager, compiled = net(), net()
     run = torch.compile(compiled, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -6,6 +6,10 @@ normlab's. Every class also takes ``activation=None, placement="before", negativ
 :mod:`normlab.functional`): ``BatchNorm2d(64, activation="relu")`` is the fused BN+ReLU layer. ``eps`` must be > 0 and
 ``momentum`` None or in [0, 1]; both are checked when the layer is built, and the error names the layer.
 
+Two more of the family: ``BatchRenorm1d/2d/3d`` (batch renormalization, with :func:`renorm_schedule` and
+:func:`set_renorm_limits`) and ghost batch norm, ``virtual_batch_size=`` on the batch-norm layers (see
+:func:`normlab.functional.batch_renorm` and :func:`normlab.functional.batch_norm`).
+
 Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
 (torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
 ``state_dict``, so checkpoints stay torch's), and warn once. The check runs on the device without a host sync;
