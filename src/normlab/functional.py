@@ -428,7 +428,7 @@ def batch_renorm(
 
     r and d are constants of the backward (stop-gradient); the running buffers (required) then take the batch's
     statistics as in :func:`batch_norm`. Since r and d are per-channel constants, this is batch norm with the
-    weight ``w · r`` and bias ``b + w · d``, and that is how it runs: one extra pass over the input for the batch
+    weight ``w · r`` and bias ``b + w · d``, and that is how it runs: two extra passes over the input for the batch
     statistics, then the fused norm. ``rmax >= 1`` and ``dmax >= 0`` are numbers or 0-D tensors (checked when
     numbers). With ``placement="after"`` the statistics are those of ``f(input)``, as in :func:`batch_norm`.
     """
