@@ -473,3 +473,27 @@ def test_readme_examples_run(tmp_path, monkeypatch):
         exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "model.onnx").stat().st_size > 0
 
+
+
+def test_freeze_stats_holds_for_batch_renorm_and_ghost_batch_norm():
+    """Frozen batch renorm and ghost batch norm layers normalize with their running statistics in training mode
+    and keep them, as eval mode does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nl.BatchRenorm2d(3, rmax=1.5, dmax=0.5), nl.BatchNorm2d(3, virtual_batch_size=2)).double()
+    net(torch.randn(6, 3, 4, 5, dtype=torch.float64) * 2 + 1)  # running statistics of their own
+    before = copy.deepcopy(net.state_dict())
+    normlab.freeze_stats(net).train()
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    y = net(x)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert_close(y, copy.deepcopy(net).eval()(x), torch.float64)
+
+
+def test_convert_sync_batchnorm_leaves_batch_renorm_and_ghost_batch_norm_alone():
+    """SyncBatchNorm would silently turn them into plain batch norm: they stay, with a warning."""
+    net = nn.Sequential(nl.BatchRenorm2d(3), nl.BatchNorm2d(3, virtual_batch_size=2), nl.BatchNorm2d(3),
+                        nn.BatchNorm2d(3))
+    with pytest.warns(UserWarning, match="no synchronized form"):
+        out = nl.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert [type(m) for m in out] == [nl.BatchRenorm2d, nl.BatchNorm2d, nl.SyncBatchNorm, nl.SyncBatchNorm]

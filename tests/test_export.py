@@ -46,9 +46,16 @@ def _plain_cnn():
                          nl.LayerNorm((4, 6, 7)))
 
 
-# name -> (model builder, input shape). Layers added later (SyncBatchNorm in one process, BatchRenorm, ghost batch
-# norm) join by an entry here.
-MODELS = {"all_norms": (AllNorms, (4, 3, 8, 9)), "cnn": (_plain_cnn, (2, 3, 8, 9))}
+def _family_cnn():
+    """SyncBatchNorm (one process: plain batch norm), batch renorm and ghost batch norm (10 = 4 + 4 + 2 samples)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nl.SyncBatchNorm(4, activation="relu"),
+                         nl.BatchRenorm2d(4, activation="silu", rmax=1.5, dmax=0.5),
+                         nl.BatchNorm2d(4, virtual_batch_size=4, activation="tanh"))
+
+
+# name -> (model builder, input shape).
+MODELS = {"all_norms": (AllNorms, (4, 3, 8, 9)), "cnn": (_plain_cnn, (2, 3, 8, 9)),
+          "family": (_family_cnn, (10, 3, 8, 9))}
 
 
 def _model(name):

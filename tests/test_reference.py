@@ -121,3 +121,59 @@ def test_running_update():
 def test_unknown_activation_rejected():
     with pytest.raises(ValueError, match="activation must be"):
         ref.batch_norm_forward(np.zeros((2, 2)), None, None, activation="swish")
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5)])
+@pytest.mark.parametrize("activation, placement", [(None, "before"), ("tanh", "before"), ("silu", "after")])
+def test_batch_renorm_backward_matches_autograd(shape, activation, placement):
+    """The paper's backward equations against torch.autograd of the paper's forward with r and d detached, with
+    running statistics that clip some channels and not others."""
+    rng = np.random.default_rng(0)
+    x, w, b, dy = (rng.normal(size=s) for s in (shape, shape[1], shape[1], shape))
+    f_np = ref.activation_functions(activation)
+    a_np = f_np[0](x) if placement == "after" else x
+    var_b = np.moveaxis(a_np, 1, 0).reshape(shape[1], -1).var(1)
+    rm, rv = np.array([0.1, 3.0, -0.2]), np.array([var_b[0] * 1.2**2, 0.01, 40.0])  # r ≈ 1/1.2, 1.5, 1/1.5
+    y, cache = ref.batch_renorm_forward(x, w, b, rm, rv, 1.5, 0.8, 1e-5, activation, placement)
+    dx, dw, db = ref.batch_renorm_backward(dy, cache)
+    r = cache[5].reshape(-1)
+    assert r[1] == 1.5 and r[2] == 1 / 1.5 and 1 / 1.5 < r[0] < 1.5  # clipped both ways, and free
+
+    xt, wt, bt = (torch.tensor(t, requires_grad=True) for t in (x, w, b))
+    f = TORCH_ACTIVATION[activation]() if activation else torch.nn.Identity()
+    a = f(xt) if placement == "after" else xt
+    dims = [0] + list(range(2, xt.dim()))
+    bshape = (1, -1) + (1,) * (xt.dim() - 2)
+    mu_b = a.mean(dims, keepdim=True)
+    sigma_b = (((a - mu_b) ** 2).mean(dims, keepdim=True) + 1e-5).sqrt()
+    sigma = torch.tensor(np.sqrt(rv + 1e-5)).reshape(bshape)
+    r_t = (sigma_b / sigma).clamp(1 / 1.5, 1.5).detach()
+    d_t = ((mu_b - torch.tensor(rm).reshape(bshape)) / sigma).clamp(-0.8, 0.8).detach()
+    z = wt.reshape(bshape) * ((a - mu_b) / sigma_b * r_t + d_t) + bt.reshape(bshape)
+    yt = f(z) if placement == "before" else z
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-12)
+    for name, got, want in (("dx", dx, xt.grad), ("dw", dw, wt.grad), ("db", db, bt.grad)):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-10, rtol=1e-9, err_msg=name)
+
+
+def test_ghost_batch_norm_is_batch_norm_per_virtual_batch():
+    rng = np.random.default_rng(1)
+    x, w, b, dy = rng.normal(size=(7, 2, 3)), rng.normal(size=2), rng.normal(size=2), rng.normal(size=(7, 2, 3))
+    y, cache = ref.ghost_batch_norm_forward(x, w, b, 3)
+    dx, dw, db = ref.ghost_batch_norm_backward(dy, cache)
+    dws, dbs = [], []
+    for lo, hi in ((0, 3), (3, 6), (6, 7)):
+        yc, cc = ref.batch_norm_forward(x[lo:hi], w, b)
+        dxc, dwc, dbc = ref.batch_norm_backward(dy[lo:hi], cc)
+        np.testing.assert_allclose(y[lo:hi], yc)
+        np.testing.assert_allclose(dx[lo:hi], dxc)
+        dws.append(dwc)
+        dbs.append(dbc)
+    np.testing.assert_allclose(dw, sum(dws))
+    np.testing.assert_allclose(db, sum(dbs))
+    mean, var = ref.ghost_batch_stats(x, 3)
+    chunks = [x[:3], x[3:6], x[6:]]
+    np.testing.assert_allclose(mean, sum(c.shape[0] / 7 * c.mean((0, 2)) for c in chunks))
+    np.testing.assert_allclose(var, sum(c.shape[0] / 7 * c.transpose(1, 0, 2).reshape(2, -1).var(1, ddof=1)
+                                        for c in chunks))

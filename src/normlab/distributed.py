@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -243,7 +244,10 @@ def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> 
             f"{cls.__name__}.convert_sync_batchnorm expects a torch.nn.Module, got {type(module).__name__}"
         )
     out = module
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _normalizes_otherwise(module):
+        warnings.warn(f"{cls.__name__}.convert_sync_batchnorm: {type(module).__name__} left as it is (batch renorm "
+                      "and ghost batch norm have no synchronized form)", UserWarning, stacklevel=3)
+    elif isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
         ref = module.running_mean if module.running_mean is not None else module.weight
         out = cls(
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
@@ -262,6 +266,12 @@ def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> 
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(cls, child, process_group))
     return out
+
+
+def _normalizes_otherwise(m: torch.nn.Module) -> bool:
+    """Whether a batch-norm layer is batch renorm (its ``rmax`` buffer) or ghost batch norm (``virtual_batch_size``),
+    which a SyncBatchNorm would silently turn into plain batch norm."""
+    return "rmax" in m._buffers or getattr(m, "virtual_batch_size", None) is not None
 
 
 class DistributedDataParallel(torch.nn.parallel.DistributedDataParallel):

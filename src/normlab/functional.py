@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from normlab import backend, spec, torch_ops
+from normlab import activations, backend, spec, torch_ops
 from normlab.spec import LEAKY_SLOPE, Call, Running
 
 
@@ -206,6 +206,112 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
     return impl.forward(x, w, b, call, stats, running)[0]
 
 
+class _StatsNormFunction(torch.autograd.Function):
+    """:class:`_NormFunction` that also returns the input's own statistics ``(mean, var)`` (not differentiable):
+    ``forward(x, w, b, call, impl)`` gives ``(y, mean, var)``."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, call: Call, impl: ModuleType):
+        y, mean, rstd, var = impl.forward(x, w, b, call)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.call, ctx.impl = call, impl
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, w, b, mean, rstd = ctx.saved_tensors
+        return _grads(ctx.impl, ctx.call, ctx.needs_input_grad, dy, x, w, b, mean, rstd) + (None, None)
+
+
+def _norm_stats(x, w, b, call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_norm` with the input's own statistics, also returning them: ``(y, mean, var)``, the statistics of
+    shape ``call.plan.stat_shape`` (biased variance), for an update the caller makes."""
+    if torch.compiler.is_compiling():
+        y, mean, _, var = _norm_forward_op(x, w, b, None, None, *_op_args(call))
+        return y, mean, var
+    impl = backend.select(x, call.plan)
+    if torch.is_grad_enabled() and (
+        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+    ):
+        return _StatsNormFunction.apply(x, w, b, call, impl)
+    y, mean, _, var = impl.forward(x, w, b, call)
+    return y, mean, var
+
+
+# ---- ghost batch norm: each virtual batch of v samples normalized with its own statistics --------------------------
+# Virtual batch j of x (n, C, *S) holds samples j*v .. j*v+v-1; the k = n/v virtual batches are normalized by one
+# norm call over a rearranged copy of x (spec's (N, G, K, R) view cannot pool over a part of N):
+# - channels innermost in memory ((N, C) and channels_last): batch norm of (v, k*C, R), whose k*C "channels" are
+#   (virtual batch, channel) pairs, stored channels innermost (the backends' fast row sweep), weight repeated k times;
+# - otherwise: instance norm of (k, C, v*R), each instance one virtual batch, with the per-channel weight.
+
+
+def _virtual(x: torch.Tensor, v: int) -> tuple[torch.Tensor, str]:
+    """``x`` ``(n, C, *S)`` (n a multiple of v) rearranged (one copy) for one norm call, and that call's kind."""
+    n, c = x.shape[0], x.shape[1]
+    k, r = n // v, x.numel() // max(n * c, 1)
+    if x.dim() == 2 or torch_ops.is_channels_last(x):  # memory (n, *S, C)
+        xv = x.movedim(1, -1).reshape(k, v, r, c).permute(1, 2, 0, 3).contiguous()      # (v, R, k, C)
+        xv = xv.reshape(v, r, k * c).movedim(-1, 1)                                      # (v, k*C, R) R-major
+        return (xv.unsqueeze(-1) if r > 1 else xv.squeeze(-1)), "batch"                # channels_last or 2-D
+    return x.reshape(k, v, c, r).transpose(1, 2).reshape(k, c, v * r), "instance"        # (k, C, v*R)
+
+
+def _unvirtual(y: torch.Tensor, like: torch.Tensor, kind: str) -> torch.Tensor:
+    """Inverse of :func:`_virtual`: back to ``like``'s shape and memory format."""
+    n, c = like.shape[0], like.shape[1]
+    if kind == "instance":                                                               # y (k, C, v*R)
+        k = y.shape[0]
+        return y.reshape(k, c, n // k, -1).transpose(1, 2).reshape(like.shape)
+    v = y.shape[0]                                                                       # y (v, k*C, R[, 1])
+    y = y.reshape(v, y.shape[1], -1).movedim(1, -1)                                      # (v, R, k*C)
+    y = y.reshape(v, y.shape[1], n // v, c).permute(2, 0, 1, 3)                          # (k, v, R, C)
+    return y.reshape(n, *like.shape[2:], c).movedim(-1, 1)
+
+
+def _ghost_batch_norm(input, weight, bias, v: int, call: Call, running: Running | None) -> torch.Tensor:
+    """Ghost batch norm (training): the whole virtual batches in one norm call, a smaller last one (the remainder)
+    in one more; then one running-statistics update from all virtual batches' statistics, each weighed by its
+    number of samples (see :func:`batch_norm`)."""
+    # int(): under torch.compile with dynamic shapes, a graph per batch size (the virtual batches' split depends on
+    # it) rather than symbolic reshapes, which took minutes to trace
+    n, c = int(input.shape[0]), int(input.shape[1])
+    full = n - n % v
+    parts = [(input[:full], v)] if full else []
+    if n > full:
+        parts.append((input[full:], n - full))
+    ys, stats = [], []
+    for part, size in parts:  # one or two calls, never one per virtual batch
+        xv, kind = _virtual(part, size)
+        pcall = _call(kind, tuple(xv.shape), call.eps, call.activation, call.placement, call.negative_slope)
+        if pcall.plan.m == 1:
+            raise ValueError(
+                f"ghost batch norm: a virtual batch of {size} sample(s) of input size {tuple(input.shape)} has 1 value "
+                "per channel; expected more than 1 value per channel when training"
+            )
+        k = part.shape[0] // size
+        w, b = weight, bias
+        if kind == "batch" and k > 1:
+            w, b = (None if weight is None else weight.repeat(k)), (None if bias is None else bias.repeat(k))
+        y, mean, var = _norm_stats(xv, w, b, pcall)
+        ys.append(_unvirtual(y, part, kind))
+        stats.append((mean.reshape(-1, c), var.reshape(-1, c), size, pcall.plan.m))
+    if running is not None:
+        _fold_virtual(running, stats, n)
+    return ys[0] if len(ys) == 1 else torch.cat(ys)
+
+
+@torch.no_grad()
+def _fold_virtual(running: Running, stats, n: int) -> None:
+    """Fold the virtual batches' statistics into ``running``: the means and the unbiased variances of the virtual
+    batches, averaged with weights ``size / n``. ``stats``: ``(mean, var, size, m)`` per call, mean and biased var
+    ``(n_virtual, C)``."""
+    mean = sum(mu.sum(0) * size for mu, _, size, _ in stats) / n                     # (C,)
+    var = sum(v.sum(0) * (size * m / (m - 1)) for _, v, size, m in stats) / n       # (C,) unbiased
+    torch_ops.fold_running_stats(running, mean, var)
+
+
 # ---- argument checks ------------------------------------------------------------------------------------------------
 
 def _check_tensor(input) -> None:
@@ -266,6 +372,7 @@ def batch_norm(
     negative_slope: float = LEAKY_SLOPE,
     num_batches_tracked: torch.Tensor | None = None,
     num_skipped: torch.Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> torch.Tensor:
     """Batch norm of ``input`` ``(N, C, *S)``, as :func:`torch.nn.functional.batch_norm`, plus a fused activation.
 
@@ -277,10 +384,18 @@ def batch_norm(
     ``num_batches_tracked`` enables ``momentum=None`` (cumulative average) and is incremented per folded batch;
     ``num_skipped`` counts batches whose non-finite statistics were kept out of the running buffers. ``momentum``
     must lie in [0, 1] (torch accepts any value).
+
+    Ghost batch norm (Hoffer et al. 2017), ``virtual_batch_size=v``: in training, samples ``j·v .. j·v+v-1`` form
+    virtual batch j, normalized with its own statistics (per channel over its v samples and S); when v does not
+    divide N the last virtual batch is smaller, and v >= N is plain batch norm. The running buffers take one update
+    per call: the mean of the virtual batches' means and of their unbiased variances, each virtual batch weighed
+    by its number of samples (equal weights when v divides N). Eval mode ignores it.
     """
     call = _running_stats_call("batch", input, bool(training), momentum, eps, activation, placement, negative_slope,
                                running_mean, running_var, weight, bias)
     p = call.plan
+    if virtual_batch_size is not None:
+        spec.check_virtual_batch_size(virtual_batch_size)
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError(f"running_mean and running_var must both be given or both be None; got {missing}=None")
@@ -294,10 +409,111 @@ def batch_norm(
             running = Running(running_mean, running_var, momentum, num_batches_tracked, num_skipped)
         elif num_batches_tracked is not None:  # an empty batch changes no statistic but counts, as in torch
             num_batches_tracked.add_(1)
+        if virtual_batch_size is not None and virtual_batch_size < p.N:
+            return _ghost_batch_norm(input, weight, bias, virtual_batch_size, call, running)
         return _norm(input, weight, bias, call, running=running)
     if running_mean is None:
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
     return _norm(input, weight, bias, call, (running_mean, running_var))
+
+
+def batch_renorm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.01,
+    eps: float = 1e-5,
+    rmax: float | torch.Tensor = 3.0,
+    dmax: float | torch.Tensor = 5.0,
+    activation: str | None = None,
+    placement: str = "before",
+    *,
+    negative_slope: float = LEAKY_SLOPE,
+    num_batches_tracked: torch.Tensor | None = None,
+    num_skipped: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch renormalization (Ioffe 2017) of ``input`` ``(N, C, *S)``; in eval mode plain batch norm.
+
+    In training, with the batch's per-channel ``mean``, ``sigma_b = sqrt(var + eps)`` and the running statistics'
+    ``sigma = sqrt(running_var + eps)``::
+
+        r = clip(sigma_b / sigma, 1/rmax, rmax),  d = clip((mean - running_mean) / sigma, -dmax, dmax)
+        y = (xhat · r + d) · w + b                  xhat = (x - mean) / sigma_b
+
+    r and d are constants of the backward (stop-gradient); the running buffers (required) then take the batch's
+    statistics as in :func:`batch_norm`. Since r and d are per-channel constants, this is batch norm with the
+    weight ``w · r`` and bias ``b + w · d``, and that is how it runs: two extra passes over the input for the batch
+    statistics, then the fused norm. ``rmax >= 1`` and ``dmax >= 0`` are numbers or 0-D tensors (checked when
+    numbers). With ``placement="after"`` the statistics are those of ``f(input)``, as in :func:`batch_norm`.
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running_mean and running_var (r and d are taken from them)")
+    if not training:
+        return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps, activation,
+                          placement, negative_slope=negative_slope)
+    tensor = torch.Tensor
+    spec.check_renorm_limits(1 if isinstance(rmax, tensor) else rmax, 0 if isinstance(dmax, tensor) else dmax)
+    call = _running_stats_call("batch", input, True, momentum, eps, activation, placement, negative_slope,
+                               running_mean, running_var, weight, bias)
+    r, d = _renorm_rd(input, running_mean, running_var, rmax, dmax, call)
+    if weight is not None:
+        r, d = weight * r, weight * d                                     # w' = w·r, b' = b + w·d
+    bias = d if bias is None else bias + d
+    return batch_norm(input, running_mean, running_var, r, bias, True, momentum, eps, activation, placement,
+                      negative_slope=negative_slope, num_batches_tracked=num_batches_tracked, num_skipped=num_skipped)
+
+
+@torch.no_grad()
+def _renorm_rd(input, running_mean, running_var, rmax, dmax, call: Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch renorm's ``(r, d)``, ``(C,)`` each in the running buffers' dtype, computed before the buffers take this
+    batch: detached, so constants of the backward."""
+    p = call.plan
+    a = torch_ops.view4(input, p).to(torch_ops.compute_dtype(input.dtype))   # (N, C, 1, R)
+    f = activations.get(call.activation, call.negative_slope)
+    if f is not None and call.placement == "after":
+        a = f.fn(a)
+    mean = a.mean(p.stat_axes, keepdim=True)                                 # (1, C, 1, 1)
+    var = (a - mean).square().mean(p.stat_axes)                              # (1, C) two passes: torch.var_mean
+    # over these axes took 26 ms on (32, 64, 28, 28) float32 where the two passes take a few
+    rdt = running_mean.dtype
+    args = (mean.reshape(-1).to(rdt), var.reshape(-1).to(rdt), running_mean, running_var, rmax, dmax, call.eps)
+    # Under torch.compile r and d come from an op of their own: AOTAutograd's partitioner would otherwise recompute
+    # them in the backward from the running buffers, which the forward has updated by then (pytorch#197039).
+    if not torch.compiler.is_compiling():
+        return _renorm_rd_impl(*args)
+    rmax, dmax = (t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=rdt) for t in (rmax, dmax))
+    return _renorm_rd_op(*args[:4], rmax, dmax, call.eps)
+
+
+def _renorm_rd_impl(mean, var, running_mean, running_var, rmax, dmax, eps: float):
+    """``r = clip(σB / σ, 1/rmax, rmax)``, ``d = clip((μB - μ) / σ, -dmax, dmax)``; all ``(C,)`` (rmax, dmax: 0-D
+    tensors or numbers)."""
+    sigma = (running_var + eps).sqrt()                                        # (C,) σ
+    r = ((var + eps).sqrt() / sigma).clamp(1 / rmax, rmax)                   # (C,)
+    d = ((mean - running_mean) / sigma).clamp(-dmax, dmax)                  # (C,)
+    return r, d
+
+
+@torch.library.custom_op("normlab::renorm_rd", mutates_args=())
+def _renorm_rd_op(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    rmax: torch.Tensor,
+    dmax: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_renorm_rd_impl` as one op (rmax and dmax as 0-D tensors)."""
+    return _renorm_rd_impl(mean, var, running_mean, running_var, rmax, dmax, eps)
+
+
+@_renorm_rd_op.register_fake
+def _(mean, var, running_mean, running_var, rmax, dmax, eps):
+    return torch.empty_like(mean), torch.empty_like(mean)
 
 
 def instance_norm(

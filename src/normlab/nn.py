@@ -8,6 +8,10 @@ normlab's. Every class also takes ``activation=None, placement="before", negativ
 :class:`FrozenBatchNorm2d` is torchvision's layer of that name (a plain Module of four buffers) with normlab's
 forward.
 
+Two more of the family: ``BatchRenorm1d/2d/3d`` (batch renormalization, with :func:`renorm_schedule` and
+:func:`set_renorm_limits`) and ghost batch norm, ``virtual_batch_size=`` on the batch-norm layers (see
+:func:`normlab.functional.batch_renorm` and :func:`normlab.functional.batch_norm`).
+
 Beyond torch, the batch-norm layers keep a batch whose statistics are not finite out of the running buffers
 (torch poisons them with NaN), count such batches in the non-persistent buffer ``num_skipped_updates`` (not in
 ``state_dict``, so checkpoints stay torch's), and warn once. The check runs on the device without a host sync;
@@ -22,12 +26,22 @@ import torch
 
 from normlab import distributed
 from normlab import functional as F
-from normlab.spec import LEAKY_SLOPE, check_activation, check_eps, check_momentum
+from normlab.spec import (
+    LEAKY_SLOPE,
+    check_activation,
+    check_eps,
+    check_momentum,
+    check_renorm_limits,
+    check_virtual_batch_size,
+)
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "FrozenBatchNorm2d",
     "GroupNorm",
     "InstanceNorm1d",
@@ -35,6 +49,8 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "SyncBatchNorm",
+    "renorm_schedule",
+    "set_renorm_limits",
 ]
 
 
@@ -54,6 +70,13 @@ class _Fused:
         except ValueError as e:
             raise ValueError(f"{who}: {e}") from None
         self.activation, self.placement, self.negative_slope = activation, placement, negative_slope
+
+    def _check(self, check, *args) -> None:
+        """Run ``check(*args)``; its ValueError names the layer."""
+        try:
+            check(*args)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -89,20 +112,30 @@ class _BatchNorm(_Fused):
         activation: str | None = None,
         placement: str = "before",
         negative_slope: float = LEAKY_SLOPE,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
                          bias=bias)  # by name: SyncBatchNorm takes process_group where the others take device
         self._setup(activation, placement, negative_slope)
+        self._check(check_virtual_batch_size, virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
         self.register_buffer("num_skipped_updates", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self._warned_skipped = False
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def extra_repr(self) -> str:
+        v = self.virtual_batch_size
+        return super().extra_repr() + ("" if v is None else f", virtual_batch_size={v}")
+
+    def _check_channels(self, input: torch.Tensor) -> None:
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
             )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_channels(input)
         # Parameters and buffers straight from their dicts: Module.__getattr__ costs as much as a small norm.
         params, buffers = self._parameters, self._buffers
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
@@ -123,6 +156,7 @@ class _BatchNorm(_Fused):
             negative_slope=self.negative_slope,
             num_batches_tracked=buffers["num_batches_tracked"] if track else None,
             num_skipped=buffers["num_skipped_updates"] if track else None,
+            virtual_batch_size=self.virtual_batch_size if training else None,  # eval: plain batch norm
         )
         if track and not self._warned_skipped and input.is_cpu:
             self._warn_skipped()
@@ -192,7 +226,7 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
                          activation=activation, placement=placement, negative_slope=negative_slope)
         self.process_group = process_group
 
-    def _batch_norm(self, *args, **kwargs) -> torch.Tensor:
+    def _batch_norm(self, *args, virtual_batch_size=None, **kwargs) -> torch.Tensor:
         group = distributed.sync_group(self.process_group) if self.training else None
         if group is None:
             return F.batch_norm(*args, **kwargs)
@@ -204,6 +238,121 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
         """``module`` with every batch-norm layer, torch.nn's or normlab's, replaced by a normlab SyncBatchNorm that
         shares its parameters and buffers and keeps its training flag, activation, placement and negative slope."""
         return distributed.convert_sync_batchnorm(cls, module, process_group)
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch renormalization (Ioffe 2017) for torch.nn's ``_BatchNorm`` subclasses: :func:`normlab.functional.
+    batch_renorm` in training, plain batch norm in eval.
+
+    ``rmax`` and ``dmax`` are 0-D non-persistent buffers (so ``state_dict`` keys are torch's BatchNorm's, and a
+    schedule that changes them every step does not recompile under ``torch.compile``); set them with
+    :meth:`set_limits` or :func:`set_renorm_limits`. The running statistics are always tracked.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        activation: str | None = None,
+        placement: str = "before",
+        negative_slope: float = LEAKY_SLOPE,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype, bias=bias, activation=activation,
+                         placement=placement, negative_slope=negative_slope)
+        self._check(check_renorm_limits, rmax, dmax)
+        rdt = self.running_mean.dtype
+        self.register_buffer("rmax", torch.tensor(float(rmax), dtype=rdt, device=device), persistent=False)
+        self.register_buffer("dmax", torch.tensor(float(dmax), dtype=rdt, device=device), persistent=False)
+
+    def set_limits(self, rmax: float, dmax: float) -> None:
+        """Set the clipping limits (r to [1/rmax, rmax], d to [-dmax, dmax]); ``rmax >= 1``, ``dmax >= 0``."""
+        self._check(check_renorm_limits, rmax, dmax)
+        with torch.no_grad():
+            self.rmax.fill_(rmax)
+            self.dmax.fill_(dmax)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={float(self.rmax)}, dmax={float(self.dmax)}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_channels(input)
+        params, buffers = self._parameters, self._buffers
+        training = self.training and not self.stats_frozen
+        y = F.batch_renorm(
+            input,
+            buffers["running_mean"],
+            buffers["running_var"],
+            params["weight"],
+            params["bias"],
+            training,
+            self.momentum,
+            self.eps,
+            buffers["rmax"],
+            buffers["dmax"],
+            self.activation,
+            self.placement,
+            negative_slope=self.negative_slope,
+            num_batches_tracked=buffers["num_batches_tracked"] if training else None,
+            num_skipped=buffers["num_skipped_updates"] if training else None,
+        )
+        if training and not self._warned_skipped and input.is_cpu:
+            self._warn_skipped()
+        return y
+
+
+class BatchRenorm1d(_BatchRenorm, torch.nn.BatchNorm1d):
+    """Batch renorm over ``(N, C)`` or ``(N, C, L)``; a torch.nn.BatchNorm1d in its parameters, buffers and eval."""
+
+
+class BatchRenorm2d(_BatchRenorm, torch.nn.BatchNorm2d):
+    """Batch renorm over ``(N, C, H, W)``; a torch.nn.BatchNorm2d in its parameters, buffers and eval."""
+
+
+class BatchRenorm3d(_BatchRenorm, torch.nn.BatchNorm3d):
+    """Batch renorm over ``(N, C, D, H, W)``; a torch.nn.BatchNorm3d in its parameters, buffers and eval."""
+
+
+def renorm_schedule(
+    step: int,
+    warmup_steps: int,
+    ramp_steps: int | tuple[int, int],
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+) -> tuple[float, float]:
+    """Batch renorm's limits ``(rmax, dmax)`` at training ``step``, as the paper relaxes them.
+
+    ``(1.0, 0.0)`` (plain batch norm) for steps ``< warmup_steps``; then each limit moves linearly to its target over
+    its ramp (``ramp_steps``: one length for both, or ``(rmax's, dmax's)``), and stays there. The paper's schedule
+    (rmax 1 -> 3 by step 40k, dmax 0 -> 5 by step 25k, both from step 5k) is
+    ``renorm_schedule(step, 5000, (35000, 20000))``.
+    """
+    check_renorm_limits(rmax, dmax)
+    r_ramp, d_ramp = (ramp_steps, ramp_steps) if isinstance(ramp_steps, int) else ramp_steps
+    for name, value in (("step", step), ("warmup_steps", warmup_steps), ("ramp_steps", r_ramp), ("ramp_steps", d_ramp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"renorm_schedule: {name} must be an int >= 0 (or a pair of them), got {value!r}")
+
+    def relaxed(start: float, end: float, ramp: int) -> float:
+        done = 1.0 if ramp == 0 else min(max(step - warmup_steps, 0) / ramp, 1.0)
+        return start + (end - start) * done if step >= warmup_steps else start
+
+    return relaxed(1.0, float(rmax), r_ramp), relaxed(0.0, float(dmax), d_ramp)
+
+
+def set_renorm_limits(module: torch.nn.Module, rmax: float, dmax: float) -> int:
+    """Set ``rmax`` and ``dmax`` on every batch-renorm layer in ``module`` (itself included); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, _BatchRenorm)]
+    for m in layers:
+        m.set_limits(rmax, dmax)
+    return len(layers)
 
 
 class _InstanceNorm(_Fused):

@@ -199,3 +199,102 @@ def batch_norm_inference(x, w, b, mean, var, eps=1e-5):
 def running_update(running, batch, momentum):
     """One moving-average step of a running statistic: ``(1 - momentum) · running + momentum · batch``."""
     return (1.0 - momentum) * np.asarray(running, dtype=np.float64) + momentum * np.asarray(batch, dtype=np.float64)
+
+
+# ---- batch renormalization (Ioffe 2017) -------------------------------------------------------------------------
+
+
+def batch_renorm_forward(x, w, b, running_mean, running_var, rmax=3.0, dmax=5.0, eps=1e-5, activation=None,
+                         placement="before", negative_slope=LEAKY_SLOPE):
+    r"""Batch renorm of ``x`` ``(N, C, *S)`` in training, the paper's Algorithm 1 step by step; returns ``(y, cache)``.
+
+    ``running_mean`` and ``running_var`` ``(C,)`` are the running statistics before this batch (``σ = sqrt(running_var
+    + eps)``); r and d are taken from them and are constants of the backward (stop_gradient). The running update
+    itself is batch norm's (:func:`batch_stats`, :func:`running_update`)::
+
+        μB = 1/m Σ x,  σB = sqrt(1/m Σ (x - μB)² + eps)
+        r = clip(σB / σ, 1/rmax, rmax),  d = clip((μB - μ) / σ, -dmax, dmax)
+        x̂ = (x - μB) / σB · r + d,  y = γ x̂ + β
+    """
+    p = make_plan("batch", np.shape(x))
+    f = activation_functions(activation, negative_slope)
+    x = np.asarray(x, dtype=np.float64)
+    c4 = (1, p.G, 1, 1)
+    w4 = (np.ones(p.G) if w is None else np.asarray(w, dtype=np.float64)).reshape(c4)      # (1, C, 1, 1) γ
+    b4 = (np.zeros(p.G) if b is None else np.asarray(b, dtype=np.float64)).reshape(c4)     # (1, C, 1, 1) β
+    a = f[0](x) if (f and placement == "after") else x                    # (shape) what gets normalized
+    a4 = a.reshape(p.view_shape)                                            # (N, C, 1, R)
+    mu_b = a4.mean(axis=p.stat_axes, keepdims=True)                         # (1, C, 1, 1) μB
+    sigma_b = np.sqrt(((a4 - mu_b) ** 2).mean(axis=p.stat_axes, keepdims=True) + eps)  # (1, C, 1, 1) σB
+    mu = np.asarray(running_mean, dtype=np.float64).reshape(c4)             # (1, C, 1, 1) μ
+    sigma = np.sqrt(np.asarray(running_var, dtype=np.float64).reshape(c4) + eps)  # (1, C, 1, 1) σ
+    r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)                          # (1, C, 1, 1) stop_gradient
+    d = np.clip((mu_b - mu) / sigma, -dmax, dmax)                           # (1, C, 1, 1) stop_gradient
+    xhat = (a4 - mu_b) / sigma_b * r + d                                    # (N, C, 1, R)
+    z = w4 * xhat + b4                                                      # (N, C, 1, R)
+    y = f[0](z) if (f and placement == "before") else z                     # (N, C, 1, R)
+    cache = (x, a4, w4, mu_b, sigma_b, r, xhat, z, p, f, placement)
+    return y.reshape(p.shape), cache
+
+
+def batch_renorm_backward(dy, cache):
+    """Backward of :func:`batch_renorm_forward`, the paper's equations (r, d constants); returns ``(dx, dw, db)``
+    (dw, db ``(C,)``)::
+
+        ∂l/∂x̂ = ∂l/∂y · γ
+        ∂l/∂σB = Σ ∂l/∂x̂ · (x - μB) · (-r / σB²)
+        ∂l/∂μB = Σ ∂l/∂x̂ · (-r / σB)
+        ∂l/∂x = ∂l/∂x̂ · r / σB + ∂l/∂σB · (x - μB) / (m σB) + ∂l/∂μB / m
+        ∂l/∂γ = Σ ∂l/∂y · x̂,  ∂l/∂β = Σ ∂l/∂y
+    """
+    x, a4, w4, mu_b, sigma_b, r, xhat, z, p, f, placement = cache
+    dy4 = np.asarray(dy, dtype=np.float64).reshape(p.view_shape)           # (N, C, 1, R)
+    dz = dy4 * f[1](z) if (f and placement == "before") else dy4            # (N, C, 1, R)
+    ax, m = p.stat_axes, p.m
+    dxhat = dz * w4                                                         # (N, C, 1, R) ∂l/∂x̂
+    dsigma_b = np.sum(dxhat * (a4 - mu_b) * (-r / sigma_b**2), axis=ax, keepdims=True)  # (1, C, 1, 1) ∂l/∂σB
+    dmu_b = np.sum(dxhat * (-r / sigma_b), axis=ax, keepdims=True)          # (1, C, 1, 1) ∂l/∂μB
+    da = dxhat * r / sigma_b + dsigma_b * (a4 - mu_b) / (m * sigma_b) + dmu_b / m  # (N, C, 1, R) ∂l/∂x
+    dw = np.sum(dz * xhat, axis=p.affine_axes).reshape(-1)                  # (C,) ∂l/∂γ
+    db = np.sum(dz, axis=p.affine_axes).reshape(-1)                         # (C,) ∂l/∂β
+    da = da.reshape(p.shape)
+    dx = da * f[1](x) if (f and placement == "after") else da              # (shape)
+    return dx, dw, db
+
+
+# ---- ghost batch norm (Hoffer et al. 2017) -----------------------------------------------------------------------
+
+
+def _virtual_batches(x, virtual_batch_size):
+    """``x`` split along N into virtual batches of ``virtual_batch_size`` samples (the last one smaller)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.split(x, range(virtual_batch_size, x.shape[0], virtual_batch_size))
+
+
+def ghost_batch_norm_forward(x, w, b, virtual_batch_size, eps=1e-5, activation=None, placement="before",
+                             negative_slope=LEAKY_SLOPE):
+    """Ghost batch norm of ``x`` ``(N, C, *S)`` in training: batch norm of each virtual batch on its own, a Python
+    loop over them. Returns ``(y, cache)``."""
+    outs = [forward(xv, w, b, eps, make_plan("batch", xv.shape), activation, placement, negative_slope)
+            for xv in _virtual_batches(x, virtual_batch_size)]
+    return np.concatenate([y for y, _ in outs]), [cache for _, cache in outs]
+
+
+def ghost_batch_norm_backward(dy, cache):
+    """Backward of :func:`ghost_batch_norm_forward`: each virtual batch's; dw and db summed over them."""
+    dy = np.asarray(dy, dtype=np.float64)
+    sizes = [c[0].shape[0] for c in cache]
+    grads = [backward(g, c) for g, c in zip(np.split(dy, np.cumsum(sizes)[:-1]), cache)]
+    return np.concatenate([g[0] for g in grads]), sum(g[1] for g in grads), sum(g[2] for g in grads)
+
+
+def ghost_batch_stats(x, virtual_batch_size):
+    """The per-channel statistics a ghost batch norm's running buffers take from ``x``: the virtual batches' means
+    and unbiased variances, averaged with weights (samples in the virtual batch) / N. Returns ``(mean, var)``."""
+    parts = _virtual_batches(x, virtual_batch_size)
+    n = sum(xv.shape[0] for xv in parts)
+    mean, var = 0.0, 0.0
+    for xv in parts:
+        mu, v, m = batch_stats(xv)
+        mean, var = mean + xv.shape[0] / n * mu, var + xv.shape[0] / n * v * m / (m - 1)
+    return mean, var

@@ -76,6 +76,21 @@ def check_momentum(momentum: float | None) -> None:
         raise ValueError(f"momentum must be None or a number in [0, 1], got {momentum!r}")
 
 
+def check_virtual_batch_size(virtual_batch_size: int | None) -> None:
+    """``virtual_batch_size`` (ghost batch norm) must be None or an int >= 1."""
+    v = virtual_batch_size
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"virtual_batch_size must be None or an int >= 1, got {v!r}")
+
+
+def check_renorm_limits(rmax: float, dmax: float) -> None:
+    """Batch renorm's clipping limits: ``rmax >= 1`` (r is clipped to [1/rmax, rmax]) and ``dmax >= 0`` (d to
+    [-dmax, dmax]); both real numbers (inf allowed: no clipping), NaN refused."""
+    for name, value, low in (("rmax", rmax, 1), ("dmax", dmax, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+            raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """How an input of a given shape is normalized, as the view ``(N, G, K, R)``.

@@ -216,10 +216,17 @@ def update_running_stats(running: Running, mean: torch.Tensor, var: torch.Tensor
         mean, var: the batch's mean and biased variance, ``(S, C)``.
         m: values per statistic in the batch.
     """
+    fold_running_stats(running, mean.mean(0), var.mean(0) * (m / max(m - 1, 1)))
+
+
+@torch.no_grad()
+def fold_running_stats(running: Running, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """:func:`update_running_stats` given the batch's ``(C,)`` mean and unbiased variance: the guarded moving
+    average, in place."""
     if running.momentum is None and running.num_batches_tracked is None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
     rdt = running.mean.dtype
-    batch = torch.stack((mean.mean(0), var.mean(0) * (m / max(m - 1, 1)))).to(rdt)  # (2, C)
+    batch = torch.stack((mean, var)).to(rdt)                            # (2, C)
     finite = batch.isfinite().all()
     if running.num_batches_tracked is not None:
         running.num_batches_tracked.add_(finite)
