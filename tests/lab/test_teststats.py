@@ -150,7 +150,7 @@ def test_quick_run(real_dir, tmp_path):
     for i in (1, 2, 3):
         assert last[f"gap/l{i}/paper/mean_gap_rel"] < 1e-4
         ratio = last[f"gap/l{i}/paper/var_ratio"] / last[f"gap/l{i}/uncorrected/var_ratio"]
-        assert ratio == pytest.approx(m / (m - 1), rel=1e-9)
+        assert ratio == pytest.approx(m / (m - 1), rel=1e-6)  # float32 buffers
         # a moving average lags the weights: never the exact statistics
         for name in ("ema0.1", "ema0.01", "cumulative"):
             assert last[f"gap/l{i}/{name}/mean_gap_rel"] > 1e-3 and last[f"gap/l{i}/{name}/var_ratio"] > 0

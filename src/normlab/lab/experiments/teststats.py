@@ -511,27 +511,30 @@ def plot_figure(records: list[dict], meta: dict):
         color, fmt = _style(name, c)
         ax.plot(steps, [avg(r, f"acc/{name}") for r in records], fmt.lstrip("o^vs") or "-", color=color,
                 label=label(name))
-    best = max(avg(last, f"acc/{name}") for name in methods(cfg))
-    ax.set_ylim(max(0.0, best - 0.15), min(1.0, best + 0.02))
+    seen = [avg(r, f"acc/{name}") for r in records[1:] or records for name in methods(cfg)]  # after step 0
+    ax.set_ylim(max(0.0, min(seen) - 0.01), min(1.0, max(seen) + 0.01))
     ax.set_ylabel("test accuracy")
     ax.set_title("(b) accuracy over training, by statistics", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6.5, loc="center right", bbox_to_anchor=(1.0, 0.6))
 
+    # from the first evaluation after step 0: at step 0 the buffers hold their initial mean 0 and variance 1
+    trained = [r for r in records if r["step"] > 0] or records
     for ax, metric, title in ((axes[2], "mean_gap_rel", "(c) |μ − μ_pop| / σ_pop, mean over layers"),
                               (axes[3], "var_ratio", "(d) σ² / σ²_pop, mean over layers")):
         # the paper's mean is the exact one (equal batches): no gap to draw on a log scale
         for name in (*running_methods(cfg), *(("paper", "uncorrected") if metric == "var_ratio" else ())):
             color, fmt = _style(name, c)
-            ys = [np.mean([avg(r, f"gap/l{i}/{name}/{metric}") for i in range(1, n_layers + 1)]) for r in records]
-            ax.plot(steps, ys, fmt.lstrip("o^vs") or "-", color=color, label=label(name))
+            ys = [np.mean([avg(r, f"gap/l{i}/{name}/{metric}") for i in range(1, n_layers + 1)]) for r in trained]
+            ax.plot([r["step"] for r in trained], ys, fmt.lstrip("o^vs") or "-", color=color, label=label(name))
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
-        ax.set_yscale("log")  # at step 0 the buffers hold their initial mean 0 and variance 1
-        if metric == "var_ratio":
+        if metric == "mean_gap_rel":
+            ax.set_yscale("log")
+        else:
             ax.axhline(1.0, color="black", lw=0.5)
     for ax in axes[1:]:
         ax.set_xlabel("training steps")
-        ax.set_xlim(steps[0], steps[-1])
+        ax.set_xlim(0, steps[-1])
     for ax in axes:
         ax.grid(alpha=0.3)
     seeds = seed_list(cfg)
