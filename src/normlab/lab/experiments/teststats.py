@@ -104,6 +104,7 @@ def running_methods(cfg: TestStatsConfig) -> tuple[str, ...]:
 
 
 def label(method: str) -> str:
+    """A method's name for people (tables, legends)."""
     if method.startswith("ema"):
         return f"moving average, momentum {method[3:]}"
     return LABELS[method]
@@ -188,15 +189,15 @@ def set_stats(layers: list[nn.Module], stats: list[tuple[torch.Tensor, torch.Ten
 
 def split_test_set(n: int, b: int, seed: int) -> list[np.ndarray]:
     """The test set's rows in a seeded random order, split into ``n // b`` batches whose sizes differ by at most one,
-    each of at least ``b`` rows (every image classified once; 10,000 images at b = 60: 126 batches of 60 and 40 of
-    61)."""
+    each of at least ``b`` rows, or one batch when ``n < b`` (every image classified once; 10,000 images at b = 60:
+    126 batches of 60 and 40 of 61)."""
     order = np.random.default_rng([seed, 2]).permutation(n)
     return np.array_split(order, max(n // b, 1))
 
 
 @torch.no_grad()
 def accuracy_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[np.ndarray] | None = None,
-             batch_stats: bool = False) -> float:
+                batch_stats: bool = False) -> float:
     """Test accuracy of ``net`` on ``x``, ``y`` in ``batches`` (one batch when None); ``batch_stats``: BN normalizes
     with each batch's own statistics (training mode, running buffers untouched), else with its running ones."""
     layers = bn_layers(net)
@@ -242,6 +243,8 @@ class _Measure:
         self.paper = Twins(self.layers, (None,)).to(device)  # E_B[μ_B], m/(m-1)·E_B[σ²_B] during precise_bn's pass
 
     def population(self, arm: TorchArm) -> dict[str, list]:
+        """Per method (exact, paper, uncorrected), ``(mean, var)`` per layer for the weights loaded in ``self.net``,
+        over the training set in epoch 0's batches of m (a network that diverged raises precise_bn's ValueError)."""
         self.paper.reset()
         rows = arm.order.segment(0, arm.order.per_epoch)  # one pass over the training set: epoch 0's batches
         x = arm.data.train_x
