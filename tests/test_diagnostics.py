@@ -12,7 +12,7 @@ from torch import nn
 
 import normlab.diagnostics as diag
 from normlab import nn as nl
-from normlab.diagnostics import NormMonitor, norm_layers, percentiles, stats_gap
+from normlab.diagnostics import NormMonitor, norm_layers, percentiles, stats_distance, stats_gap
 
 
 def _model():
@@ -122,3 +122,13 @@ def test_core_module_does_not_import_the_lab():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [n for n in names if n.startswith("normlab.lab")]
+
+
+def test_stats_distance_by_hand():
+    mean, var = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([4.0, 1.0, 0.25])
+    ref_mean, ref_var = torch.tensor([0.0, -1.0, 0.5]), torch.tensor([1.0, 4.0, 0.25])
+    d = stats_distance(mean, var, ref_mean, ref_var, eps=0.0)
+    assert d["mean_gap"] == pytest.approx((1 + 1 + 0) / 3)
+    assert d["mean_gap_rel"] == pytest.approx((1 / 1 + 1 / 2 + 0) / 3)
+    assert d["var_ratio"] == pytest.approx((4 + 0.25 + 1) / 3)
+    assert stats_distance(mean, var, mean, var, eps=1e-5) == {"mean_gap": 0.0, "mean_gap_rel": 0.0, "var_ratio": 1.0}

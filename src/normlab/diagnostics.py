@@ -62,21 +62,28 @@ def normalized_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return f.fn(x) if f is not None and getattr(module, "placement", "before") == "after" else x
 
 
-def stats_gap(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """The gap between the batch statistics of ``x`` ``(N, C, *S)`` and ``module``'s running ones, per channel,
-    averaged: ``mean_gap``, ``mean_gap_rel`` (in running standard deviations) and ``var_ratio`` (batch variance,
-    the biased one that normalizes in training, over the running variance)."""
-    p = plan("batch", x.shape)
-    var, mean = torch.var_mean(view4(x.detach(), p).to(torch.float64), dim=p.stat_axes, correction=0)
-    mean, var = mean.reshape(-1), var.reshape(-1)
-    run_mean = module.running_mean.detach().to(torch.float64)
-    run_var = module.running_var.detach().to(torch.float64)
-    gap = (mean - run_mean).abs()
+def stats_distance(mean: torch.Tensor, var: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor,
+                   eps: float) -> dict[str, float]:
+    """How far per-channel statistics ``mean``, ``var`` ``(C,)`` are from reference ones ``ref_mean``, ``ref_var``
+    ``(C,)``, averaged over the channels in float64: ``mean_gap`` = mean |mean - ref_mean|, ``mean_gap_rel`` the
+    same in reference standard deviations ``sqrt(ref_var + eps)``, ``var_ratio`` = mean of var / ref_var (0, 0 and
+    1 when they agree)."""
+    mean, var, ref_mean, ref_var = (t.detach().to(torch.float64).reshape(-1) for t in (mean, var, ref_mean, ref_var))
+    gap = (mean - ref_mean).abs()
     return {
         "mean_gap": gap.mean().item(),
-        "mean_gap_rel": (gap / torch.sqrt(run_var + module.eps)).mean().item(),
-        "var_ratio": (var / run_var).mean().item(),
+        "mean_gap_rel": (gap / torch.sqrt(ref_var + eps)).mean().item(),
+        "var_ratio": (var / ref_var).mean().item(),
     }
+
+
+def stats_gap(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """The gap between the batch statistics of ``x`` ``(N, C, *S)`` and ``module``'s running ones, per channel,
+    averaged (:func:`stats_distance`, with the running statistics as the reference; the batch variance is the
+    biased one that normalizes in training)."""
+    p = plan("batch", x.shape)
+    var, mean = torch.var_mean(view4(x.detach(), p).to(torch.float64), dim=p.stat_axes, correction=0)
+    return stats_distance(mean, var, module.running_mean, module.running_var, module.eps)
 
 
 def _has_running_stats(module: torch.nn.Module) -> bool:
