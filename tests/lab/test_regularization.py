@@ -160,8 +160,9 @@ def test_summary_and_table_over_seeds():
     table = format_table({**summary, "config": {"train_size": 5000, "noise_draws": 9}})
     assert "0.8300 ± 0.0100" in table and "| 2 " in table and "0.800 ± 0.100" in table
     assert "Best final test accuracy: **bn** (0.8300)." in table
-    assert "gap 0.0800 vs 0.1000 (narrower)" in table
-    assert "Dropout on top of BN raises test accuracy for no rate" in table
+    assert "BN alone against plain: test accuracy 0.8300 vs 0.8100" in table
+    assert "gap 0.0800 vs 0.1000: narrower." in table
+    assert "- bn+drop0.2 against BN alone: test accuracy 0.8290 vs 0.8300: lower, within seed noise;" in table
     one_seed = RegularizationConfig(seeds=1, noise_batch_sizes=(2, 4))
     one = format_table({**summarize(_records(1), one_seed), "config": {}})
     assert "±" not in one.split("\n\n")[0]

@@ -219,23 +219,25 @@ def _pm(st: dict, seeds: int, digits: int = 4) -> str:
 
 
 def verdict(summary: dict) -> list[str]:
-    """Plain sentences comparing the arms, computed from the summary (final accuracies, means over seeds)."""
+    """Plain sentences comparing the arms, computed from the summary (final values, means over seeds). A
+    difference smaller than twice the larger of the two seed stds is called within seed noise."""
     f = summary["final"]
+
+    def cmp(a: str, b: str, metric: str = "test_acc") -> str:
+        x, y = f[a][metric], f[b][metric]
+        noise = len(summary["seeds"]) > 1 and abs(x["mean"] - y["mean"]) < 2 * max(x["std"], y["std"])
+        word = {"test_acc": ("higher", "lower"), "gap": ("wider", "narrower")}[metric][x["mean"] < y["mean"]]
+        return f"{x['mean']:.4f} vs {y['mean']:.4f}: {word}" + (", within seed noise" if noise else "")
+
     test = {a: v["test_acc"]["mean"] for a, v in f.items()}
-    gap = {a: v["gap"]["mean"] for a, v in f.items()}
     best = max(test, key=test.get)
     lines = [f"Best final test accuracy: **{best}** ({test[best]:.4f})."]
-    if "plain" in test and "bn" in test:
-        more = "higher" if test["bn"] > test["plain"] else "lower"
-        narrower = "narrower" if gap["bn"] < gap["plain"] else "wider"
-        lines.append(f"BN alone: test accuracy {test['bn']:.4f} vs {test['plain']:.4f} without it ({more}); gap "
-                     f"{gap['bn']:.4f} vs {gap['plain']:.4f} ({narrower}).")
-    with_bn = [a for a in test if a.startswith("bn+")]
-    if "bn" in test and with_bn:
-        helps = [a for a in with_bn if test[a] > test["bn"]]
-        lines.append("Dropout on top of BN " + (f"raises test accuracy for {', '.join(helps)}" if helps else
-                                                "raises test accuracy for no rate") +
-                     f" (BN alone {test['bn']:.4f}; " + ", ".join(f"{a} {test[a]:.4f}" for a in with_bn) + ").")
+    if "plain" in f and "bn" in f:
+        lines.append(f"BN alone against plain: test accuracy {cmp('bn', 'plain')}; gap {cmp('bn', 'plain', 'gap')}.")
+    for a in (a for a in f if a.startswith("drop")):
+        lines.append(f"BN alone against {a}: test accuracy {cmp('bn', a)}; gap {cmp('bn', a, 'gap')}.")
+    for a in (a for a in f if a.startswith("bn+")):
+        lines.append(f"{a} against BN alone: test accuracy {cmp(a, 'bn')}; gap {cmp(a, 'bn', 'gap')}.")
     return lines
 
 
@@ -282,7 +284,7 @@ def format_table(summary: dict) -> str:
     cfg = summary.get("config", {})
     out += ["", NOTES.format(train=cfg.get("train_size", 0), step=summary["final_step"], n=n, source=SOURCE,
                              example=cfg.get("noise_example", 0), draws=cfg.get("noise_draws", 0)),
-            *verdict(summary)]
+            "\n".join(f"- {line}" for line in verdict(summary))]
     return "\n".join(out)
 
 
@@ -305,6 +307,8 @@ def plot_figure(records: list[dict], meta: dict):
     from normlab.lab.plots import pyplot, run_note
 
     plt = pyplot()
+    from matplotlib import ticker
+
     arms = _by_arm(records)
     steps = np.array([r["step"] for r in records])
     colors = dict(zip(arms, plt.get_cmap("tab10").colors))
@@ -356,6 +360,9 @@ def plot_figure(records: list[dict], meta: dict):
         ax.plot(m, c / np.sqrt(m), color="k", lw=0.8, alpha=0.6, label=f"{c:.2f}/√m (fit to {bn_arms[0]}, m ≥ 16)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())  # 2, 4, ..., 128 rather than 2^1, ...
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.2g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.2g"))
     ax.set_xlabel("mini-batch size m")
     ax.set_ylabel("std of one example's x̂ across mini-batches")
     ax.set_title("(c) the noise BN injects (first BN layer)")
