@@ -14,6 +14,7 @@ from conftest import run_quick
 from torch import nn
 
 from normlab.lab import data as D
+from normlab.lab import runner
 from normlab.lab.experiments.regularization import (
     PAPER,
     Regularization,
@@ -129,6 +130,30 @@ def test_quick_run_writes_accuracies_gap_and_the_bn_noise(real_dir, tmp_path):
     for a, v in PAPER.items():
         assert f"{v:.3f}" in table, a
     assert re.search(rf"\| 128 +\| +{records[0]['bn']['noise_m128']:.3f} +\|", table)  # m, bn at init
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_noise_at_the_last_step_included(real_dir, tmp_path, monkeypatch):
+    cfg = RegularizationConfig(steps=40, eval_every=20, seeds=1, train_size=300, noise_batch_sizes=(2, 8),
+                               noise_draws=8, workers=1, device="cpu", data_dir=str(real_dir))
+    quiet = dict(progress=False, log=lambda m: None)
+    whole = runner.run(EXP, cfg, out=tmp_path / "whole", **quiet)
+    indices = D.DataOrder.indices
+
+    def interrupt_at_30(self, step):  # Ctrl-C in the middle of the last evaluation interval
+        if step == 30:
+            raise KeyboardInterrupt
+        return indices(self, step)
+
+    monkeypatch.setattr(D.DataOrder, "indices", interrupt_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(EXP, cfg, out=tmp_path / "resumed", **quiet)
+    monkeypatch.setattr(D.DataOrder, "indices", indices)
+    runner.run(EXP, cfg, out=tmp_path / "resumed", resume=True, **quiet)
+    metrics = [(tmp_path / n / "metrics.jsonl").read_bytes() for n in ("whole", "resumed")]
+    assert metrics[0] == metrics[1]
+    records = RunFolder(tmp_path / "whole").records()
+    assert "noise_m8" in records[-1]["bn"] and "noise_m8" not in records[1]["bn"]
+    assert whole["noise"]["bn"]["trained"]["8"]["mean"] == records[-1]["bn"]["noise_m8"]
 
 
 def _records(seeds: int) -> list[dict]:

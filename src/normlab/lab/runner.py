@@ -181,8 +181,9 @@ def default_out(exp: Experiment, cfg: RunConfig) -> Path:
 
 
 def _check_resumable(exp: Experiment, saved: dict, cfg: dict, run: RunFolder) -> None:
-    # a field the saved run lacks (it predates the field) had the field's default
-    saved = {**dataclasses.asdict(exp.config()), **saved}
+    # a field the saved run lacks (it predates the field) had the field's default; both sides as config.json holds
+    # them (a tuple field is a list there)
+    saved, cfg = (json.loads(json.dumps(c)) for c in ({**dataclasses.asdict(exp.config()), **saved}, cfg))
     diff = {k: (saved.get(k), cfg[k]) for k in cfg if k not in exp.resumable_changes and saved.get(k) != cfg[k]}
     if diff:
         detail = ", ".join(f"{k}: run has {a!r}, asked for {b!r}" for k, (a, b) in diff.items())

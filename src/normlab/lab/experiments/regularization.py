@@ -128,10 +128,10 @@ class _Measure:
 
     def __call__(self, arm: _Arm) -> dict:
         out = eval_metrics(arm)
-        seen = {}
+        seen, hook = {}, None
         noise = self.layer is not None and arm.step in (0, self.cfg.steps)
-        hook = self.layer.register_forward_pre_hook(lambda m, a: seen.update(x=normalized_input(m, a[0]))) \
-            if noise else None
+        if noise:  # keep what the first BN layer normalizes during the train-accuracy pass
+            hook = self.layer.register_forward_pre_hook(lambda m, a: seen.update(x=normalized_input(m, a[0])))
         try:
             logits = arm.net(arm.data.train_x)
         finally:
