@@ -12,7 +12,8 @@ from torch import nn
 
 import normlab.diagnostics as diag
 from normlab import nn as nl
-from normlab.diagnostics import NormMonitor, norm_layers, percentiles, stats_distance, stats_gap
+from normlab import reference
+from normlab.diagnostics import NormMonitor, batch_noise, norm_layers, percentiles, stats_distance, stats_gap
 
 
 def _model():
@@ -115,6 +116,65 @@ def test_bad_arguments(kwargs, message):
     assert message in str(err.value)
     with pytest.raises(KeyError, match="no record of layer 'x'"):
         NormMonitor(layers={"a": nn.ReLU()}).latest("x")
+
+# -- batch_noise: the spread of one example's normalized value over the mini-batches it is placed in
+
+
+@pytest.mark.parametrize("shape", [(23, 3), (17, 2, 3, 1), (11, 1, 5)])
+def test_batch_noise_matches_the_float64_reference_on_the_same_draws(shape):
+    x = torch.randn(*shape, dtype=torch.float32) * 3 + 1
+    sizes, draws, example, seed, eps = (2, 5, shape[0]), 7, 4, 3, 1e-3
+    got = batch_noise(x, sizes, example=example, draws=draws, eps=eps, seed=seed)
+    # the same draws, normalized by normlab.reference's batch norm forward (training mode, no affine)
+    rng = np.random.default_rng(seed)
+    rest = np.delete(np.arange(shape[0]), example)
+    xs = x.double().numpy()
+    for m in sizes:
+        xhat = []
+        for _ in range(draws):
+            batch = np.concatenate([xs[example:example + 1], xs[rng.choice(rest, m - 1, replace=False)]])
+            xhat.append(reference.batch_norm_forward(batch, None, None, eps)[0][0])  # the example's row
+        assert got[m] == pytest.approx(np.std(xhat, axis=0, ddof=1).mean(), rel=1e-10, abs=1e-12), m
+    assert list(got) == list(sizes)
+
+
+def test_batch_noise_is_zero_when_the_batch_is_always_the_whole_pool_and_invariant_to_channel_affines():
+    x = torch.randn(9, 4, dtype=torch.float64)
+    assert batch_noise(x, [9], draws=5)[9] == pytest.approx(0.0, abs=1e-12)  # every draw: the same batch
+    scale, shift = torch.tensor([0.1, 1.0, 7.0, 300.0]), torch.tensor([-5.0, 0.0, 2.0, 1e3])
+    a = batch_noise(x, [2, 3, 8], draws=50, eps=0.0)
+    b = batch_noise(x * scale + shift, [2, 3, 8], draws=50, eps=0.0)
+    assert a == pytest.approx(b, rel=1e-9)  # BN removes a per-channel scale and shift
+
+
+def test_batch_noise_at_two_is_a_sign_and_falls_like_one_over_root_m():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 1, generator=g, dtype=torch.float64)
+    z = ((x - x.mean()) / x.std(correction=0))[:, 0]
+    lowest = int(z.argmin())
+    # with m = 2, x̂ = ±1 by the sign against the other example: the lowest is always -1, the median flips
+    assert batch_noise(x, [2], example=lowest, draws=50, eps=0.0)[2] == pytest.approx(0.0, abs=1e-12)
+    median = int((z - z.median()).abs().argmin())
+    assert batch_noise(x, [2], example=median, draws=400, eps=0.0)[2] == pytest.approx(1.0, abs=0.06)
+    # large m: std ≈ sqrt((1 + z² (κ - 1) / 4) / m), κ = 3 for Gaussian data (the mean's and variance's noise)
+    for target in (0.0, 2.0):
+        i = int((z - target).abs().argmin())
+        got = batch_noise(x, [64, 256], example=i, draws=600)
+        for m, v in got.items():
+            assert v * m ** 0.5 == pytest.approx((1 + target**2 / 2) ** 0.5, rel=0.15), (target, m)
+
+
+@pytest.mark.parametrize(("args", "kwargs", "message"), [
+    ((torch.randn(5), [2]), {}, "at least 2 dims"),
+    ((torch.randn(5, 2), [2]), {"example": 5}, "example must be in [0, 5) (the pool's size), got 5"),
+    ((torch.randn(5, 2), [2]), {"draws": 1}, "draws must be an int >= 2"),
+    ((torch.randn(5, 2), [1, 2, 6]), {}, "batch sizes must be in [2, 5] (the pool's size), got [1, 6]"),
+    ((torch.tensor([[1.0], [float("nan")]]), [2]), {}, "x has non-finite values"),
+])
+def test_batch_noise_bad_arguments(args, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        batch_noise(*args, **kwargs)
+    assert message in str(err.value)
 
 
 def test_core_module_does_not_import_the_lab():

@@ -11,6 +11,9 @@ name) and, every ``every``-th forward call, records per layer:
   deviations, ``var_ratio`` = mean over channels of batch variance / running variance; 0, 0 and 1 when they agree).
   They are measured before the layer updates its running statistics with the batch.
 
+:func:`batch_noise` measures the noise batch norm injects in training: how much one example's normalized value
+moves when the other examples of its mini-batch change (the paper's "random scale and shift"), per batch size.
+
 Example::
 
     monitor = NormMonitor(model, every=100)
@@ -84,6 +87,48 @@ def stats_gap(module: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     p = plan("batch", x.shape)
     var, mean = torch.var_mean(view4(x.detach(), p).to(torch.float64), dim=p.stat_axes, correction=0)
     return stats_distance(mean, var, module.running_mean, module.running_var, module.eps)
+
+
+def batch_noise(x: torch.Tensor, batch_sizes: Sequence[int], *, example: int = 0, draws: int = 256,
+                eps: float = 1e-5, seed: int = 0) -> dict[int, float]:
+    """How much batch norm's batch statistics move one example's normalized value, per batch size.
+
+    ``x`` ``(N, C, *S)`` is a pool of what a batch-norm layer normalizes (its input over N examples). For each
+    ``m`` in ``batch_sizes``, ``draws`` mini-batches are formed of example ``example`` and ``m - 1`` others drawn
+    without replacement from the rest of the pool; in each, the example's value is normalized with the
+    mini-batch's statistics, as batch norm does in training (per channel over the batch and ``S``, biased
+    variance): ``xhat = (x_i - mean_B) / sqrt(var_B + eps)`` (before the affine). Returns ``{m: std}``: the std
+    over the draws of ``xhat``, averaged over channels (and positions). For large ``m`` it falls like
+    ``sqrt((1 + z² (kurtosis - 1) / 4) / m)``, ``z`` the example's population-normalized value (the mean's and
+    the variance's sampling noise); at ``m = 2`` every ``xhat`` is about ±1. The draws are seeded by ``seed``
+    alone (the same batches on every call); memory is ``draws * max(m) * C * prod(S)`` float64 values.
+    """
+    p = plan("batch", x.shape)  # raises on fewer than two dims
+    n = p.N
+    if not 0 <= example < n:
+        raise ValueError(f"batch_noise: example must be in [0, {n}) (the pool's size), got {example}")
+    if not (isinstance(draws, int) and draws >= 2):
+        raise ValueError(f"batch_noise: draws must be an int >= 2 (a std needs two), got {draws!r}")
+    bad = [m for m in batch_sizes if not 2 <= m <= n]
+    if bad:
+        raise ValueError(f"batch_noise: batch sizes must be in [2, {n}] (the pool's size), got {bad}")
+    # (N, R, C): one channel's values of a batch are then one strided reduction over contiguous rows
+    xs = view4(x.detach(), p)[:, :, 0].transpose(1, 2).to(torch.float64).contiguous()
+    if not torch.isfinite(xs).all():
+        raise ValueError("batch_noise: x has non-finite values")
+    rng = np.random.default_rng(seed)
+    rest = np.delete(np.arange(n), example)
+    xi, count = xs[example], p.R  # (R, C); values per channel and example
+    out = {}
+    for m in batch_sizes:
+        rows = torch.from_numpy(np.stack([rng.choice(rest, m - 1, replace=False) for _ in range(draws)]))
+        others = xs[rows.to(xs.device)]  # (draws, m - 1, R, C)
+        mean = (others.sum(dim=(1, 2)) + xi.sum(dim=0)) / (m * count)  # (draws, C)
+        var = (((others - mean[:, None, None]) ** 2).sum(dim=(1, 2))
+               + ((xi - mean[:, None]) ** 2).sum(dim=1)) / (m * count)  # biased, as BN normalizes in training
+        xhat = (xi - mean[:, None]) * torch.rsqrt(var[:, None] + eps)  # (draws, R, C)
+        out[int(m)] = xhat.std(dim=0).mean().item()
+    return out
 
 
 def _has_running_stats(module: torch.nn.Module) -> bool:

@@ -117,6 +117,28 @@ def no_download(monkeypatch):
     monkeypatch.setattr(D, "download_mnist", fail)
 
 
+@dataclass
+class TupleToyConfig(ToyConfig):
+    widths: tuple[int, ...] = field(default=(16,), metadata={"help": "hidden widths"})
+
+
+class TupleToy(Toy):
+    config = TupleToyConfig
+
+
+def test_resume_of_a_config_with_a_tuple_field(real_dir, tmp_path):
+    # config.json holds the tuple as a list: the resume must not see that as another configuration
+    exp, out = TupleToy(), tmp_path / "t"
+    runner.run(exp, TupleToyConfig(steps=10, device="cpu", data_dir=str(real_dir), workers=1), out=out, **QUIET)
+    assert RunFolder(out).config()["widths"] == [16]
+    runner.run(exp, TupleToyConfig(steps=20, device="cpu", data_dir=str(real_dir), workers=1), out=out,
+               resume=True, **QUIET)
+    assert [r["step"] for r in RunFolder(out).records()] == [0, 10, 20]
+    with pytest.raises(ValueError, match=r"widths: run has \[16\], asked for \[8\]"):
+        runner.run(exp, TupleToyConfig(steps=20, widths=(8,), device="cpu", data_dir=str(real_dir), workers=1),
+                   out=out, resume=True, **QUIET)
+
+
 def test_sample_run_says_so_and_resume_refuses_other_data(real_dir, tmp_path, no_download):
     empty = tmp_path / "empty"
     empty.mkdir()
