@@ -65,8 +65,9 @@ def channel_skewness(x: torch.Tensor) -> torch.Tensor:
     p = plan("batch", x.shape)
     x4 = view4(x.detach(), p).to(torch.float64)
     d = x4 - x4.mean(dim=p.stat_axes, keepdim=True)
-    var = (d * d).mean(dim=p.stat_axes).reshape(-1)
-    m3 = (d * d * d).mean(dim=p.stat_axes).reshape(-1)
+    d2 = d * d
+    var = d2.mean(dim=p.stat_axes).reshape(-1)
+    m3 = (d2 * d).mean(dim=p.stat_axes).reshape(-1)
     return torch.where(var > 0, m3 / var.clamp_min(torch.finfo(torch.float64).tiny) ** 1.5, torch.nan)
 
 

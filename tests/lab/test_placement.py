@@ -86,7 +86,7 @@ def test_measure_in_chunks_equals_one_batch_and_takes_the_skews_it_names(variant
         seen = []
         hooks = [m.register_forward_hook(lambda m, a, out: seen.append(out)) for m in net[:-1]
                  if isinstance(m, torch.nn.Linear)]
-        net(arm.data.test_x[:P.EVAL_CHUNK])
+        net(arm.data.test_x[:P.SKEW_IMAGES])
         for h in hooks:
             h.remove()
     pre = torch.cat([channel_skewness(s) for s in seen])  # what BN normalizes when it sits before the ReLU

@@ -14,7 +14,7 @@ weight matrices (a pure function of the seed and the layer's index):
 their scale&bias layer. An arm is named ``<model>-<activation>-<variant>``, e.g. ``mlp-relu-after_affine``.
 
 Every ``eval_every`` steps each network is evaluated on the whole test set (eval mode: BN uses its running
-statistics), and on the first :data:`EVAL_CHUNK` test images two skewnesses are taken, per hidden unit / channel
+statistics), and on the first :data:`SKEW_IMAGES` test images two skewnesses are taken, per hidden unit / channel
 (:func:`normlab.diagnostics.channel_skewness`), then the median over all hidden layers' units: ``skew_bn``, of what
 BN normalizes (the skewness of the normalized values x̂, which a per-channel scale and shift leave unchanged) and
 ``skew_next``, of each block's output (what the next layer receives, before the CNN's pooling). The median, not
@@ -52,7 +52,9 @@ COMPARISONS = tuple((f"{VARIANT_LABELS[a]} − {VARIANT_LABELS[b]}", a, b, round
                     for a, b in (("after", "before"), ("after_affine", "before_affine"), ("before", "none"),
                                  ("before_affine", "none"), ("after", "none"), ("after_affine", "none"),
                                  ("before_affine", "before"), ("after_affine", "after")))
-EVAL_CHUNK = 2000  # test images per forward pass (bounds the CNN's memory); the skewnesses use the first chunk
+EVAL_CHUNK = 2000  # test images per forward pass (bounds the CNN's memory)
+SKEW_IMAGES = 500  # the skewnesses' images, the first of the test set: 500 values per MLP unit, >= 98,000 per CNN
+# channel (more cost more than the CNN's evaluation itself)
 
 
 def _ours(text: str, **more) -> dict:
@@ -139,7 +141,8 @@ def _median(skews: list[torch.Tensor]) -> float | None:
 
 class _Measure:
     """Test loss and accuracy over the whole test set, in chunks, and the median skewnesses of what each BN layer
-    normalizes (``skew_bn``; None without BN) and of each block's output (``skew_next``) on the first chunk."""
+    normalizes (``skew_bn``; None without BN) and of each block's output (``skew_next``) on the first
+    :data:`SKEW_IMAGES` test images (in eval mode each image's values depend on it alone, so slicing is exact)."""
 
     def __init__(self, net: torch.nn.Sequential):
         self.ends = {i for i, m in enumerate(net)  # a block's last module: the (fused) norm, or the activation
@@ -152,8 +155,8 @@ class _Measure:
                 out = m(x)
                 if c == 0 and i in self.ends:
                     if isinstance(m, NORM_TYPES):
-                        bn.append(channel_skewness(normalized_input(m, x)))
-                    nxt.append(channel_skewness(out))
+                        bn.append(channel_skewness(normalized_input(m, x[:SKEW_IMAGES])))
+                    nxt.append(channel_skewness(out[:SKEW_IMAGES]))
                 x = out
             loss += torch.nn.functional.cross_entropy(x, y, reduction="sum").item()
             correct += int((x.argmax(dim=1) == y).sum())
@@ -337,7 +340,7 @@ def format_table(summary: dict) -> str:
     parts += ["### Differences between variants", "", markdown_table(header, rows), ""]
     cfg = summary.get("config", {})
     parts.append(NOTES.format(n=len(summary["seeds"]), target=summary["target"], every=cfg.get("eval_every", "?"),
-                              chunk=EVAL_CHUNK, steps=final))
+                              chunk=SKEW_IMAGES, steps=final))
     if "relu" in summary["activations"]:
         parts += [agreement(summary, m) for m in summary["models"]]
     return "\n".join(parts).rstrip()
