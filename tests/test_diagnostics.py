@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,40 @@ def test_output_eval_mode_and_select():
     with NormMonitor(layers={"lin": lin}, where="output", mode="any") as mon:
         y = lin(x)
     assert mon.latest("lin")["p85"] == percentiles(y)["p85"]
+
+
+def _skew_numpy(a: np.ndarray, axes) -> np.ndarray:
+    d = a - a.mean(axis=axes, keepdims=True)
+    return (d**3).mean(axis=axes) / (d**2).mean(axis=axes) ** 1.5
+
+
+@pytest.mark.parametrize("shape", [(37, 5), (13, 3, 7, 5), (2, 1, 3, 1), (11, 4, 1)])
+def test_channel_skewness_matches_the_moment_formula_in_float64(shape):
+    torch.manual_seed(2)
+    x = torch.randn(shape).exp()  # log-normal: skewed to the right
+    axes = (0, *range(2, len(shape)))
+    ref = _skew_numpy(x.double().numpy(), axes)
+    sk = diag.channel_skewness(x)
+    assert sk.dtype == torch.float64 and sk.shape == (shape[1],)
+    np.testing.assert_allclose(sk.numpy(), ref, rtol=1e-10, atol=1e-12)
+    assert (sk > 0).all()
+    # a positive per-channel scale and shift (what batch norm applies) leaves it unchanged; a flip negates it
+    scale = torch.rand(shape[1]).add(0.5).reshape(1, -1, *[1] * (len(shape) - 2))
+    torch.testing.assert_close(diag.channel_skewness(x * scale + 3), sk, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(diag.channel_skewness(-x), -sk, rtol=1e-12, atol=1e-12)
+
+
+def test_channel_skewness_of_known_distributions_channels_last_and_dead_units():
+    torch.manual_seed(3)
+    x = torch.randn(400, 3, 30, 30)
+    x[:, 1] = torch.relu(x[:, 1])  # rectified Gaussian
+    x[:, 2] = 0.0  # a dead ReLU unit: no skewness
+    mu = 1 / math.sqrt(2 * math.pi)  # relu(Z)'s mean; E[relu(Z)²] = 1/2, E[relu(Z)³] = √(2/π)
+    relu_skew = (math.sqrt(2 / math.pi) - 1.5 * mu + 2 * mu**3) / (0.5 - mu**2) ** 1.5  # ≈ 1.6406
+    sk = diag.channel_skewness(x)  # 360,000 values per channel: standard errors ≈ 0.004 (Gaussian), ≈ 0.01
+    assert abs(sk[0].item()) < 0.02 and sk[1].item() == pytest.approx(relu_skew, abs=0.04) and sk[2].isnan()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(diag.channel_skewness(cl), sk, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

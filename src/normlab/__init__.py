@@ -8,6 +8,8 @@
 - :func:`normlab.precise_bn`: exact population statistics over a set of batches.
 - :mod:`normlab.conversion`: existing models: :func:`convert` (torch.nn's norms to normlab's and back, fusing
   activations), :func:`freeze_stats` / :func:`unfreeze_stats`, :func:`fold_bn`.
+- :mod:`normlab.diagnostics`: hooks that record what each norm layer of a model sees (percentiles, train/eval
+  statistics gap, batch noise).
 - :mod:`normlab.distributed`: what :class:`normlab.nn.SyncBatchNorm` and ``precise_bn`` do across the ranks of a
   torch.distributed process group.
 - backends, chosen in :mod:`normlab.backend`: :mod:`normlab.numba_ops` (compiled CPU loops), :mod:`normlab.torch_ops`

@@ -58,6 +58,22 @@ def percentiles(values, q: Sequence[float] = PERCENTILES) -> dict[str, float]:
     return {f"p{p:g}": float(v) for p, v in zip(q, qs)}
 
 
+def channel_skewness(x: torch.Tensor) -> torch.Tensor:
+    """The skewness ``E[(x - mean)³] / std³`` of each channel of ``x`` ``(N, C, *S)`` over ``N`` and ``S``: ``(C,)``
+    float64 (biased moments); NaN for a channel with zero variance (a dead ReLU unit), which has none.
+
+    It is unchanged by a positive per-channel scale and shift, so on a batch-norm layer's input it is also the
+    skewness of the normalized values ``xhat`` (and of ``w * xhat + b`` for ``w > 0``).
+    """
+    p = plan("batch", x.shape)
+    x4 = view4(x.detach(), p).to(torch.float64)
+    d = x4 - x4.mean(dim=p.stat_axes, keepdim=True)
+    d2 = d * d
+    var = d2.mean(dim=p.stat_axes).reshape(-1)
+    m3 = (d2 * d).mean(dim=p.stat_axes).reshape(-1)
+    return torch.where(var > 0, m3 / var.clamp_min(torch.finfo(torch.float64).tiny) ** 1.5, torch.nan)
+
+
 def normalized_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What ``module`` normalizes given its input ``x``: ``x``, or ``f(x)`` for a fused layer with
     ``placement="after"`` (``y = norm(f(x))``)."""
