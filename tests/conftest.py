@@ -59,6 +59,15 @@ def assert_close(actual, expected, dtype, scale=1.0, what=""):
     )
 
 
+def assert_same_state(compiled, eager, dtype, grad_scale=8.0):
+    """Two copies of a model after the same steps: equal buffers and parameters, and equal parameter gradients
+    (within ``grad_scale`` times the dtype's tolerance: sums over the batch)."""
+    for (k, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert_close(b, a, dtype, what=k)
+    for (k, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert_close(b.grad, a.grad, dtype, scale=grad_scale, what=f"d{k}")
+
+
 def channels_last(x):
     return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 

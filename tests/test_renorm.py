@@ -12,7 +12,7 @@ import torch
 import normlab.functional as F
 import normlab.nn as nl
 from normlab import reference as ref
-from tests.conftest import SHAPES, assert_close, channels_last
+from tests.conftest import SHAPES, assert_close, assert_same_state, channels_last
 
 RENORM = {2: "BatchRenorm1d", 3: "BatchRenorm1d", 4: "BatchRenorm2d", 5: "BatchRenorm3d"}
 BN = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
@@ -214,10 +214,7 @@ def test_torch_compile_fullgraph():
             # float32: r and d come from a var_mean that eager ATen and inductor may round differently
             assert_close(yb, ya, torch.float32, what="y")
             assert_close(xb.grad, xa.grad, torch.float32, scale=2, what="dx")
-    for (k, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        assert_close(b, a, torch.float32, what=k)
-    for (k, a), b in zip(eager.named_parameters(), compiled.parameters()):
-        assert_close(b.grad, a.grad, torch.float32, scale=8, what=f"d{k}")
+    assert_same_state(compiled, eager, torch.float32)
     eager.eval()
     compiled.eval()
     x = torch.randn(2, 3, 8, 8)
