@@ -35,6 +35,11 @@ def _help(text: str, **more) -> dict:
     return {"help": text, **more}
 
 
+def ours(text: str, **more) -> dict:
+    """A config field's metadata for a choice the paper does not make: its help says so."""
+    return _help(f"{text} (normlab's choice: the paper gives none)", **more)
+
+
 @dataclass
 class RunConfig:
     """The fields every experiment has. A subclass adds its own and may redeclare a default."""
@@ -234,7 +239,8 @@ class TorchArm:
         lr: SGD's learning rate (plain SGD), unless ``optimizer`` is given.
         optimizer: ``optimizer(parameters)`` builds another optimizer.
         measure: ``measure(arm) -> dict``, run in eval mode under ``torch.no_grad()`` at each evaluation
-            (default :func:`eval_metrics`).
+            (default :func:`eval_metrics`); ``arm.step`` is the step the arm has trained to (0 before training),
+            so a measure can tell the first evaluation from the last.
     """
 
     def __init__(self, name: str, net: torch.nn.Module, data: DeviceData, order: mnist_data.DataOrder, seed: int,
@@ -244,6 +250,7 @@ class TorchArm:
         self.net = net.to(self.device)
         self.opt = optimizer(self.net.parameters()) if optimizer else torch.optim.SGD(self.net.parameters(), lr=lr)
         self.data, self.order, self.measure = data, order, measure
+        self.step = 0
 
     def train(self, start: int, end: int) -> float:
         """SGD steps ``start`` to ``end - 1`` (0-based) on the batches of ``order``; returns their mean loss."""
@@ -257,6 +264,7 @@ class TorchArm:
             loss.backward()
             self.opt.step()
             total += loss.detach()  # summed on the device: no .item() per step, which would wait for the GPU
+        self.step = end
         return total.item() / max(end - start, 1)
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from normlab.diagnostics import NormMonitor
 from normlab.lab import data as mnist_data
-from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, eval_metrics, mean_std, seed_list
+from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, eval_metrics, mean_std, ours, seed_list
 from normlab.lab.experiment import unit_key as _key
 from normlab.lab.metrics import markdown_table, steps_to_reach, value_at
 from normlab.lab.models import SIZES, init_weights, load_weights, make_mlp
@@ -34,17 +34,13 @@ THRESHOLDS = (0.95, 0.97)
 PAPER_AT_50K = {"plain": "0.96-0.97", "bn": "0.98"}
 
 
-def _ours(text: str) -> dict:
-    return {"help": f"{text} (normlab's choice: the paper gives none)"}
-
-
 @dataclass
 class MnistConfig(RunConfig):
     """Everything that decides a Figure 1 run's numbers. ``lr``, ``init_std`` and ``optimizer`` are normlab's."""
 
     steps: int = field(default=50_000, metadata={"help": "training steps"})
-    lr: float = field(default=0.5, metadata=_ours("SGD learning rate"))
-    init_std: float = field(default=0.01, metadata=_ours("std of the Gaussian initial weights"))
+    lr: float = field(default=0.5, metadata=ours("SGD learning rate"))
+    init_std: float = field(default=0.01, metadata=ours("std of the Gaussian initial weights"))
     optimizer: str = field(default="sgd", metadata={"help": "plain SGD: no momentum, no weight decay, constant rate",
                                                     "choices": ("sgd",)})
     bn_momentum: float = field(default=0.1, metadata={"help": "momentum of BN's running statistics (torch's)"})

@@ -31,7 +31,7 @@ import torch
 
 from normlab.diagnostics import NORM_TYPES, channel_skewness, normalized_input
 from normlab.lab import data as mnist_data
-from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, mean_std, seed_list, unit_key
+from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, mean_std, ours, seed_list, unit_key
 from normlab.lab.metrics import markdown_table, steps_to_reach, value_at
 from normlab.lab.models import ACTIVATION_MODULES, SIZES, make_cnn, make_mlp
 from normlab.lab.registry import register
@@ -57,10 +57,6 @@ SKEW_IMAGES = 500  # the skewnesses' images, the first of the test set: 500 valu
 # channel (more cost more than the CNN's evaluation itself)
 
 
-def _ours(text: str, **more) -> dict:
-    return {"help": f"{text} (normlab's choice)", **more}
-
-
 @dataclass
 class PlacementConfig(RunConfig):
     """Everything that decides a placement run's numbers. Sizes are CPU-sized: minutes on two cores."""
@@ -73,11 +69,11 @@ class PlacementConfig(RunConfig):
                                                   "choices": MODEL_CHOICES})
     activations: tuple[str, ...] = field(default=("sigmoid", "tanh", "relu"), metadata={
         "help": "the non-linearities", "choices": tuple(ACTIVATION_MODULES)})
-    lr: float = field(default=0.1, metadata=_ours("SGD learning rate, the same for every network"))
-    target: float = field(default=0.93, metadata=_ours("the test accuracy of 'steps to target'"))
-    acc_steps: tuple[int, ...] = field(default=(100, 200), metadata=_ours(
+    lr: float = field(default=0.1, metadata=ours("SGD learning rate, the same for every network"))
+    target: float = field(default=0.93, metadata=ours("the test accuracy of 'steps to target'"))
+    acc_steps: tuple[int, ...] = field(default=(100, 200), metadata=ours(
         "steps at which test accuracy is reported besides the last (multiples of eval_every)"))
-    cnn_channels: tuple[int, ...] = field(default=(4, 8), metadata=_ours(
+    cnn_channels: tuple[int, ...] = field(default=(4, 8), metadata=ours(
         "the CNN's conv widths, one 3x3 conv block and a 2x2 max-pool each"))
 
     def checks(self) -> list[tuple[str, bool, str]]:

@@ -105,18 +105,6 @@ def subset(ds, size: int, seed: int):
     return replace(ds, train_images=ds.train_images[rows], train_labels=ds.train_labels[rows])
 
 
-class _Arm(TorchArm):
-    """A :class:`TorchArm` that knows the step it has trained to, so its measure can tell the first and the last
-    evaluation (where the noise measure, the costly one, runs)."""
-
-    step = 0
-
-    def train(self, start: int, end: int) -> float:
-        loss = super().train(start, end)
-        self.step = end
-        return loss
-
-
 class _Measure:
     """Test loss and accuracy, train accuracy over the reduced training set, the gap; at step 0 and at the last
     step, for a BN network, the noise of its first BN layer (:func:`normlab.diagnostics.batch_noise` over what
@@ -126,7 +114,7 @@ class _Measure:
         self.cfg = cfg
         self.layer = next(iter(norm_layers(net).values()), None)
 
-    def __call__(self, arm: _Arm) -> dict:
+    def __call__(self, arm: TorchArm) -> dict:
         out = eval_metrics(arm)
         seen, hook = {}, None
         noise = self.layer is not None and arm.step in (0, self.cfg.steps)
@@ -169,8 +157,8 @@ class Regularization(Experiment):
     def build_arm(self, arm, cfg, ds, device):
         net = network(arm, cfg)
         order = DataOrder(len(ds.train_labels), cfg.batch_size, cfg.seed)
-        return _Arm(arm, net, device_data(ds, device), order, cfg.seed, device, lr=cfg.lr,
-                    measure=_Measure(net, cfg))
+        return TorchArm(arm, net, device_data(ds, device), order, cfg.seed, device, lr=cfg.lr,
+                        measure=_Measure(net, cfg))
 
     def summarize(self, cfg, records):
         return summarize(records, cfg)

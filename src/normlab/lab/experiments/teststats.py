@@ -33,7 +33,7 @@ from torch import nn
 from normlab import nn as nl
 from normlab.diagnostics import normalized_input, stats_distance
 from normlab.lab import data as mnist_data
-from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, mean_std, seed_list, unit_key
+from normlab.lab.experiment import Experiment, RunConfig, TorchArm, device_data, mean_std, ours, seed_list, unit_key
 from normlab.lab.metrics import markdown_table
 from normlab.lab.models import SIZES, init_weights, load_weights, make_mlp
 from normlab.lab.registry import register
@@ -51,10 +51,6 @@ LABELS = {
 }
 
 
-def _ours(text: str) -> dict:
-    return {"help": f"{text} (normlab's choice: the paper gives none)"}
-
-
 @dataclass
 class TestStatsConfig(RunConfig):
     """What decides a test-stats run's numbers; ``lr`` and ``init_std`` are normlab's, as for Figure 1."""
@@ -64,8 +60,8 @@ class TestStatsConfig(RunConfig):
     steps: int = field(default=10_000, metadata={"help": "training steps"})
     eval_every: int = field(default=1_000, metadata={"help": "steps between evaluations"})
     seeds: int = field(default=3, metadata={"help": "how many seeds, from --seed on: several give mean ± std"})
-    lr: float = field(default=0.5, metadata=_ours("SGD learning rate"))
-    init_std: float = field(default=0.01, metadata=_ours("std of the Gaussian initial weights"))
+    lr: float = field(default=0.5, metadata=ours("SGD learning rate"))
+    init_std: float = field(default=0.01, metadata=ours("std of the Gaussian initial weights"))
     activation: str = field(default="sigmoid", metadata={"help": "hidden units' non-linearity (the paper's: sigmoid)",
                                                          "choices": ("sigmoid", "tanh", "relu")})
     momenta: tuple[float, ...] = field(default=(0.1, 0.01), metadata={
@@ -221,16 +217,6 @@ def accuracy_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: list[
 # what is measured at each evaluation
 
 
-class _Arm(TorchArm):
-    """A TorchArm that knows the step it has trained to (the last evaluation sweeps every test batch size)."""
-
-    step = 0
-
-    def train(self, start: int, end: int) -> float:
-        self.step = end
-        return super().train(start, end)
-
-
 class _Measure:
     """At each evaluation, on a copy of the trained network: the population statistics of the training set for the
     current weights (exact and the paper's estimate, in one pass), the test accuracy with every set of statistics,
@@ -254,7 +240,7 @@ class _Measure:
         return {"exact": [(bn.running_mean.clone(), bn.running_var.clone()) for bn in self.layers],
                 "paper": paper, "uncorrected": [(mean, var * ((m - 1) / m)) for mean, var in paper]}
 
-    def __call__(self, arm: _Arm) -> dict:
+    def __call__(self, arm: TorchArm) -> dict:
         cfg, tracked = self.cfg, arm.net
         self.net.load_state_dict(tracked.net.state_dict())
         stats = {ema_name(cfg.momenta[0]): [(bn.running_mean.clone(), bn.running_var.clone())
@@ -318,8 +304,8 @@ class TestStats(Experiment):
 
     def build_arm(self, arm, cfg, ds, device):
         order = mnist_data.DataOrder(len(ds.train_labels), cfg.batch_size, cfg.seed)
-        return _Arm(arm, network(cfg), device_data(ds, device), order, cfg.seed, device, lr=cfg.lr,
-                    measure=_Measure(cfg, device))
+        return TorchArm(arm, network(cfg), device_data(ds, device), order, cfg.seed, device, lr=cfg.lr,
+                        measure=_Measure(cfg, device))
 
     def summarize(self, cfg, records):
         return summarize(cfg, records)
