@@ -77,9 +77,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-# The CPU backends every functional test runs on: the torch path, the numba loops, and the numba loops cut into
-# many tasks (a task of 64 values), so that small shapes also cross task boundaries and merges.
-CPU_BACKENDS = ["torch", "numba", "numba-tasks"]
+# The CPU backends every functional test runs on: the torch path, the numba loops, the numba loops cut into
+# many tasks (a task of 64 values), so that small shapes also cross task boundaries and merges, and ATen's kernels on
+# shifted input (what auto runs for small inputs).
+CPU_BACKENDS = ["torch", "numba", "numba-tasks", "aten"]
 
 
 @pytest.fixture(params=CPU_BACKENDS)

@@ -2,7 +2,8 @@
 
 Each public function checks its arguments, takes the :class:`~normlab.spec.Call` of the input's shape (built
 once per shape, then cached) and runs it through one backend (:mod:`normlab.backend`: the numba loops, the torch
-path or the Triton kernels), in one of four ways:
+path or the Triton kernels), in one of four ways, or, for small CPU inputs, through ATen's own kernels on shifted
+input (:mod:`normlab.aten_ops`), which autograd differentiates with ATen's formulas:
 
 - nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
   directly; nothing is saved;
@@ -15,7 +16,8 @@ path or the Triton kernels), in one of four ways:
   plain aten ops that every exporter translates.
 
 Double backward (``create_graph=True``) falls back to autograd through the torch path's textbook forward (so it
-also differentiates how mean and rstd depend on x); first derivatives always take the hand-derived backward.
+also differentiates how mean and rstd depend on x); first derivatives take the hand-derived backward (but on the
+ATen path).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from normlab import activations, backend, spec, torch_ops
+from normlab import activations, aten_ops, backend, spec, torch_ops
 from normlab.spec import LEAKY_SLOPE, Call, Running
 
 
@@ -198,6 +200,8 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
         if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
             torch_ops.update_running_stats(running, mean, var, call.plan.m)
         return y
+    if backend.aten(x, call, stats, running):
+        return aten_ops.norm(x, w, b, call, stats, running)
     impl = backend.select(x, call.plan)
     if torch.is_grad_enabled() and (
         x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
