@@ -1,9 +1,14 @@
 """Where one small training step's time goes: torch.nn against normlab.nn tier by tier, on the CPU.
 
 For ``BatchNorm1d(100)`` on a (60, 100) batch (the MNIST network's shape), one torch thread, prints the median
-microseconds of: torch.nn's whole step; normlab.nn's whole step; the backend's forward (running update included)
-and backward called directly; and normlab.nn's step with the backend stubbed out (module, functional, autograd
-Function and engine alone).
+microseconds (thread CPU time, so that other load on the machine counts less) of:
+
+- torch.nn's whole step, and ATen's ``batch_norm`` step called directly (no module: the floor);
+- normlab.nn's whole step as ``NORMLAB_BACKEND=auto`` runs it (ATen's kernels on shifted input, at this size),
+  the same path's ``normlab.aten_ops.norm`` step called directly (no module, no functional checks);
+- normlab.nn's step on the numba loops (``NORMLAB_BACKEND=numba``), the loops' forward (with the running update) and
+  backward called directly, and that step with the loops stubbed out (module, functional, autograd Function and
+  engine alone).
 
     python benchmarks/tiers.py [--steps 3000]
 """
@@ -11,6 +16,7 @@ Function and engine alone).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import types
@@ -18,17 +24,18 @@ import types
 import torch
 
 import normlab.nn as nl
-from normlab import backend, spec
+from normlab import aten_ops, backend, numba_ops, spec
 
 
-def _median_us(fn, steps: int) -> float:
+def _median_us(fn, steps: int, env: str = "auto") -> float:
+    os.environ["NORMLAB_BACKEND"] = env
     for _ in range(100):
         fn()
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.thread_time() - t0)
     return statistics.median(times) * 1e6
 
 
@@ -41,29 +48,36 @@ def main() -> None:
     xr = x.clone().requires_grad_()
     ours, theirs = nl.BatchNorm1d(100), torch.nn.BatchNorm1d(100)
     call = spec.call("batch", tuple(x.shape), ours.eps)
-    impl = backend.select(x, call.plan)
     w, b = ours.weight.detach(), ours.bias.detach()
+    wr, br = ours.weight, ours.bias
     running = spec.Running(ours.running_mean, ours.running_var, ours.momentum, ours.num_batches_tracked,
                            ours.num_skipped_updates)
-    _, mean, rstd, _ = impl.forward(x, w, b, call)
+    rm, rv = theirs.running_mean, theirs.running_var
+    _, mean, rstd, _ = numba_ops.forward(x, w, b, call)
+    s = args.steps
     result = {
-        "torch.nn step": _median_us(lambda: theirs(xr).backward(dy), args.steps),
-        "normlab.nn step": _median_us(lambda: ours(xr).backward(dy), args.steps),
-        "backend forward + update": _median_us(lambda: impl.forward(x, w, b, call, None, running), args.steps),
-        "backend backward": _median_us(lambda: impl.backward(dy, x, w, b, mean, rstd, call), args.steps),
+        "torch.nn step": _median_us(lambda: theirs(xr).backward(dy), s),
+        "ATen batch_norm step (no module)": _median_us(
+            lambda: torch.batch_norm(xr, wr, br, rm, rv, True, 0.1, 1e-5, False).backward(dy), s),
+        "normlab.nn step (auto: ATen, shifted)": _median_us(lambda: ours(xr).backward(dy), s),
+        "aten_ops.norm step (no module)": _median_us(
+            lambda: aten_ops.norm(xr, wr, br, call, None, running).backward(dy), s),
+        "normlab.nn step (numba)": _median_us(lambda: ours(xr).backward(dy), s, "numba"),
+        "numba forward + update": _median_us(lambda: numba_ops.forward(x, w, b, call, None, running), s),
+        "numba backward": _median_us(lambda: numba_ops.backward(dy, x, w, b, mean, rstd, call), s),
     }
-    stub = types.SimpleNamespace(  # ready tensors: what is left is the layers around the backend
+    stub = types.SimpleNamespace(  # ready tensors: what is left is the layers around the loops
         forward=lambda *a, **k: (torch.empty_like(x), mean, rstd, mean),
         backward=lambda *a, **k: (torch.empty_like(x), w, b),
     )
     select, backend.select = backend.select, lambda *a: stub
     try:
-        result["normlab.nn step, backend stubbed"] = _median_us(lambda: ours(xr).backward(dy), args.steps)
+        result["normlab.nn step (numba), loops stubbed"] = _median_us(lambda: ours(xr).backward(dy), s, "numba")
     finally:
         backend.select = select
-    print(f"backend: {impl.__name__}")
+        os.environ.pop("NORMLAB_BACKEND")
     for name, us in result.items():
-        print(f"{name:36s} {us:8.1f} µs")
+        print(f"{name:40s} {us:8.1f} µs")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ def test_cpu_benchmark_runs(tmp_path):
 def test_tiers_script_runs(tmp_path):
     run = _run(["benchmarks/tiers.py", "--steps", "5"], tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "backend: normlab.numba_ops" in run.stdout and "backend stubbed" in run.stdout
+    assert "aten_ops.norm step" in run.stdout and "loops stubbed" in run.stdout
+
+
+def test_crossover_script_runs(tmp_path):
+    run = _run(["benchmarks/crossover.py", "--quick"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and "|---" not in line][1:]
+    assert len(rows) == 4 and all(float(c) > 0 for r in rows for c in r.strip("| ").split(" | ")[2:])
 
 
 def test_gpu_benchmark_dry_run(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as F
-from normlab import backend, numba_ops, reference, spec, torch_ops
+from normlab import aten_ops, backend, numba_ops, reference, spec, torch_ops
 from normlab.spec import plan
 from tests.conftest import ACT_PLACEMENTS, CPU_BACKENDS, SHAPES, assert_close, channels_last
 
@@ -113,6 +113,22 @@ def test_large_mean_small_spread_float32(shape, activation, cpu_backend):
     torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("kind, kw", [("layer", {"normalized_ndim": 2}), ("group", {"groups": 2}), ("instance", {}),
+                                      ("batch", {})])
+def test_large_mean_small_spread_every_kind(kind, kw, cpu_backend):
+    """Every kind keeps its digits on mean 1e4, std 1e-2 in float32 (torch.nn's layer norm is off by ~0.2 here)."""
+    x = (torch.randn(6, 4, 5, 7, dtype=torch.float64) * 1e-2 + 1e4).float().requires_grad_()
+    p = plan(kind, x.shape, **kw)
+    y_ref, cache = reference.forward(x.detach().double().numpy(), None, None, 1e-5, p)
+    y = {"layer": lambda: F.layer_norm(x, (5, 7)), "group": lambda: F.group_norm(x, 2),
+         "instance": lambda: F.instance_norm(x), "batch": lambda: F.batch_norm(x, None, None, training=True)}[kind]()
+    torch.testing.assert_close(y.double(), torch.tensor(y_ref), atol=1e-5, rtol=0)
+    dy = torch.randn_like(y)
+    dx = torch.autograd.grad(y, x, dy)[0]
+    dx_ref = torch.tensor(reference.backward(dy.double().numpy(), cache)[0])
+    torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=0)
+
+
 def test_outlier_first_value_float32(cpu_backend):
     """A statistic whose first value is a 1e4-sigma outlier: sums shifted by that one value would lose the spread's
     digits in float32; the statistics and the output still match the float64 reference."""
@@ -192,6 +208,20 @@ def test_backend_choice(monkeypatch):
     assert backend.select(x, p) is torch_ops
     monkeypatch.setenv("NORMLAB_BACKEND", "auto")
     assert backend.select(x, p) is numba_ops  # float32/float64 CPU tensors take the numba loops under auto
+    call = spec.call("batch", x.shape, 1e-5)
+    assert backend.aten(x, call)  # ... unless ATen's kernels, shifted, are the faster: small inputs
+    big = torch.empty(2, aten_ops.SMALL)
+    assert not backend.aten(big, spec.call("batch", big.shape, 1e-5))  # (N, C): the loops' rows of channels
+    planes = torch.empty(8, 64, 16, 16)  # more than SMALL values
+    assert backend.aten(planes, spec.call("batch", planes.shape, 1e-5))  # short planes: ATen's
+    assert not backend.aten(channels_last(planes), spec.call("batch", planes.shape, 1e-5))
+    assert backend.aten(big, spec.call("layer", big.shape, 1e-5, normalized_ndim=1))  # layer norm: always
+    assert not backend.aten(x.bfloat16(), call)
+    monkeypatch.setenv("NORMLAB_BACKEND", "numba")
+    assert not backend.aten(x, call)
+    monkeypatch.setenv("NORMLAB_BACKEND", "aten")
+    assert backend.aten(big, spec.call("batch", big.shape, 1e-5))  # forced: whatever the size
+    assert backend.select(x, p) is numba_ops  # what the ATen path does not take runs as under auto
     assert backend.select(x.bfloat16(), p) is torch_ops  # half precision: the torch path
     assert backend.select(x[:0], p) is torch_ops  # an empty batch: the torch path
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")

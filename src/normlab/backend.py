@@ -3,13 +3,18 @@
 ``NORMLAB_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
 - ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case;
-  the numba loops for float32/float64 CPU tensors when numba imports; the torch path otherwise;
+  for float32/float64 CPU tensors, ATen's own kernels on shifted input (:mod:`normlab.aten_ops`) where the input
+  is small enough that per-call Python would dominate, else the numba loops when numba imports; the torch path
+  otherwise;
+- ``aten``: ATen's kernels on shifted input wherever :mod:`normlab.aten_ops` supports the case (elsewhere, as
+  ``auto``);
 - ``torch``: always the torch path (:mod:`normlab.torch_ops`);
 - ``numba``: always the numba loops (:mod:`normlab.numba_ops`);
 - ``triton``: always the kernels, on any device (CPU tensors run under ``TRITON_INTERPRET=1``).
 
 A forced choice that cannot handle the case raises instead of silently falling back. Every backend module has
-``forward``, ``backward``, ``update_running_stats`` and ``supports`` with the contract in :mod:`normlab.torch_ops`.
+``forward``, ``backward``, ``update_running_stats`` and ``supports`` with the contract in :mod:`normlab.torch_ops`;
+:mod:`normlab.aten_ops` is no such module: it is differentiated by autograd, so :func:`aten` is asked first.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from types import ModuleType
 
 import torch
 
-from normlab import torch_ops
-from normlab.spec import Plan
+from normlab import aten_ops, torch_ops
+from normlab.spec import Call, Plan, Running
 
-CHOICES = ("auto", "torch", "numba", "triton")
+CHOICES = ("auto", "torch", "numba", "triton", "aten")
 _MODULES = {"numba": ("normlab.numba_ops", "numba"), "triton": ("normlab.kernels", "triton")}
 
 
@@ -49,12 +54,20 @@ def choice() -> str:
     return _parse(os.environ.get("NORMLAB_BACKEND", "auto"))
 
 
+def aten(x: torch.Tensor, call: Call, stats=None, running: Running | None = None) -> bool:
+    """Whether ATen's kernels on shifted input (:mod:`normlab.aten_ops`) normalize ``x`` for this call."""
+    want = choice()
+    if want not in ("auto", "aten") or not aten_ops.supports(x, call, stats, running):
+        return False
+    return want == "aten" or aten_ops.pays(x, call)
+
+
 def select(x: torch.Tensor, p: Plan) -> ModuleType:
     """The backend module that will normalize ``x`` under plan ``p``."""
     want = choice()
     if want == "torch":
         return torch_ops
-    if want == "auto":
+    if want in ("auto", "aten"):
         # no Triton import for CPU tensors, no numba import for CUDA ones
         impl = _load("triton" if x.is_cuda else "numba")
         return impl if impl is not None and impl.supports(x, p) else torch_ops

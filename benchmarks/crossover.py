@@ -1,0 +1,103 @@
+"""Where ATen's kernels on shifted input beat the numba loops on the CPU, the table behind ``normlab.aten_ops.pays``.
+
+One training step (forward + backward) or eval forward through ``normlab.functional`` with
+``NORMLAB_BACKEND=aten`` and ``=numba`` interleaved, over input sizes from 4K to 4M values and, for the kinds with
+spatial dims, over the spatial extent R (the numba loops' row length); each cell is the ratio of the two minimum
+thread CPU times (the minimum, and CPU rather than wall time, are robust to other load on the machine).
+
+    python benchmarks/crossover.py [--threads 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import normlab.functional as F
+
+
+def _batch(x, w, b, rm, rv, training):
+    return F.batch_norm(x, rm, rv, w, b, training)
+
+
+def _instance(x, w, b, rm, rv, training):
+    return F.instance_norm(x, None if training else rm, None if training else rv, w, b, use_input_stats=training)
+
+
+def _layer(x, w, b, rm, rv, training):
+    return F.layer_norm(x, x.shape[-1:], w, b)
+
+
+def _group(x, w, b, rm, rv, training):
+    return F.group_norm(x, 8, w, b)
+
+
+# (label, norm, channels, spatial shape or None for (N, C), modes)
+CASES = [
+    ("batch (N, 256)", _batch, 256, None, ("train", "eval")),
+    *[(f"batch (N, 64, {s}, {s})", _batch, 64, (s, s), ("train", "eval")) for s in (7, 14, 28, 56)],
+    *[(f"instance (N, 64, {s}, {s})", _instance, 64, (s, s), ("train", "eval")) for s in (8, 16, 32)],
+    ("layer (N, 768)", _layer, 768, None, ("train",)),
+    *[(f"group 8 of (N, 64, {s}, {s})", _group, 64, (s, s), ("train",)) for s in (8, 32)],
+]
+
+
+def _min_time(fns: dict, reps: int) -> dict:
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.thread_time()
+            f()
+            best[k] = min(best[k], time.thread_time() - t)
+    return best
+
+
+def _cell(norm, shape, c, mode, reps) -> str:
+    x = torch.randn(shape, requires_grad=(mode == "train"))
+    dy = torch.randn(shape)
+    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    rm, rv = torch.zeros(c), torch.ones(c)
+
+    def run(backend):
+        os.environ["NORMLAB_BACKEND"] = backend
+        if mode == "train":
+            norm(x, w, b, rm, rv, True).backward(dy)
+        else:
+            with torch.no_grad():
+                norm(x, w, b, rm, rv, False)
+
+    t = _min_time({"aten": lambda: run("aten"), "numba": lambda: run("numba")}, reps)
+    return f"{t['aten'] / t['numba']:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="two sizes, few repeats, few rows: a check that it runs")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [1 << 12, 1 << 16] if args.quick else [1 << k for k in range(12, 23, 2)]
+    cases = CASES[:2] if args.quick else CASES
+    print(f"| case | mode | {' | '.join(f'{n:,}' for n in sizes)} |")
+    print("|---|---|" + "---|" * len(sizes))
+    for label, norm, c, spatial, modes in cases:
+        for mode in modes:
+            cells = []
+            for n in sizes:
+                per_sample = c * (1 if spatial is None else spatial[0] * spatial[1])
+                shape = (max(n // per_sample, 2), c, *(spatial or ()))
+                reps = 3 if args.quick else max(5, min(200, (1 << 24) // (shape[0] * per_sample)))
+                cells.append(_cell(norm, shape, c, mode, reps))
+            print(f"| {label} | {mode} | {' | '.join(cells)} |", flush=True)
+    print("\nCells: time with ATen's kernels on shifted input / time with the numba loops (< 1: ATen's is faster). "
+          "Columns: values in the input (N = values / (C x spatial), at least 2).")
+
+
+if __name__ == "__main__":
+    main()
