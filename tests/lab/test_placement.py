@@ -89,14 +89,16 @@ def test_measure_in_chunks_equals_one_batch_and_takes_the_skews_it_names(variant
         net(arm.data.test_x[:P.SKEW_IMAGES])
         for h in hooks:
             h.remove()
+    # rel=1e-6, not bit-equality: a chunk and the first SKEW_IMAGES rows are different batch sizes, which may run on
+    # different CPU paths (normlab.aten_ops.pays), equal to float32 rounding
     pre = torch.cat([channel_skewness(s) for s in seen])  # what BN normalizes when it sits before the ReLU
     post = torch.cat([channel_skewness(torch.relu(s)) for s in seen])  # ... after it; a plain block's output
     if variant == "none":
-        assert got["skew_bn"] is None and got["skew_next"] == pytest.approx(float(post.nanmedian()), rel=1e-9)
+        assert got["skew_bn"] is None and got["skew_next"] == pytest.approx(float(post.nanmedian()), rel=1e-6)
     elif variant == "before":
-        assert got["skew_bn"] == pytest.approx(float(pre.median()), rel=1e-9)
+        assert got["skew_bn"] == pytest.approx(float(pre.median()), rel=1e-6)
     else:  # BN after ReLU normalizes relu's output; a positive scale keeps its skewness, so out = in
-        assert got["skew_bn"] == pytest.approx(float(post.nanmedian()), rel=1e-9)
+        assert got["skew_bn"] == pytest.approx(float(post.nanmedian()), rel=1e-6)
         assert got["skew_next"] == pytest.approx(got["skew_bn"], rel=1e-4)  # float32 output
 
 
