@@ -334,36 +334,40 @@ def _over_training(records: list[dict], key: str, metric: str) -> float | None:
 
 
 SUMMARY_METRICS = (*LANDSCAPE, "ics_l2", "ics_cos")
+WHEN = ("first", "mid", "final")  # the evaluations whose accuracies are compared: first after step 0, middle, last
 
 
 def summarize(records: list[dict], cfg: LandscapeConfig) -> dict:
-    """Per arm, over the seeds: each landscape measure and the ICS (mean over layers) averaged over the evaluations
-    after step 0, the test accuracy at the middle and last evaluations; per measure, the paired ratio BN / standard
-    and noisy BN / standard (per seed), and the paired accuracy differences."""
+    """Per arm, over the seeds: each landscape measure and the ICS (mean over layers, and per layer) averaged over
+    the evaluations after step 0, and the test accuracy at the first evaluation after step 0, the middle one and
+    the last; per measure, the paired ratio BN / standard and noisy BN / standard (per seed), and the paired
+    accuracy differences."""
     seeds, last = seed_list(cfg), records[-1]
-    mid = records[len(records) // 2]
+    when = {"first": records[1 if len(records) > 1 else 0], "mid": records[len(records) // 2], "final": last}
 
     def per_seed(arm, fn):
         return [fn(unit_key(arm, s, cfg)) for s in seeds]
 
-    out = {"final_step": last["step"], "mid_step": mid["step"], "seeds": seeds, "lr": cfg.lr,
+    out = {**{f"{w}_step": rec["step"] for w, rec in when.items()}, "seeds": seeds, "lr": cfg.lr,
            "step_grid": list(cfg.step_grid), "layers": ics_layers(last, unit_key("bn", seeds[0], cfg)),
            "arms": {}, "ratios": {}, "acc_diff": {}}
     values = {a: {m: per_seed(a, lambda k, m=m: _over_training(records, k, m)) for m in SUMMARY_METRICS}
               for a in ARMS}
     for a in ARMS:
         out["arms"][a] = {m: mean_std(values[a][m]) for m in SUMMARY_METRICS}
-        out["arms"][a]["acc_mid"] = mean_std(per_seed(a, lambda k: mid[k]["test_acc"]))
-        out["arms"][a]["acc_final"] = mean_std(per_seed(a, lambda k: last[k]["test_acc"]))
+        for w, rec in when.items():
+            out["arms"][a][f"acc_{w}"] = mean_std(per_seed(a, lambda k, rec=rec: rec[k]["test_acc"]))
+    out["ics_layers"] = {a: {str(i): {m: mean_std(per_seed(a, lambda k, name=f"ics_{m}_{i}": _over_training(
+        records, k, name))) for m in ("l2", "cos")} for i in out["layers"]} for a in ARMS}
     for a in ("bn", "noisy_bn"):
         out["ratios"][a] = {m: mean_std([None if x is None or y is None or y == 0 else x / y
                                          for x, y in zip(values[a][m], values["standard"][m])])
                             for m in SUMMARY_METRICS}
     for a, b in (("bn", "standard"), ("noisy_bn", "standard"), ("noisy_bn", "bn")):
         out["acc_diff"][f"{a}-{b}"] = {
-            when: mean_std([x - y for x, y in zip(per_seed(a, lambda k, rec=rec: rec[k]["test_acc"]),
+            w: mean_std([x - y for x, y in zip(per_seed(a, lambda k, rec=rec: rec[k]["test_acc"]),
                                                   per_seed(b, lambda k, rec=rec: rec[k]["test_acc"]))])
-            for when, rec in (("mid", mid), ("final", last))}
+            for w, rec in when.items()}
     out["claims"] = claims(out)
     return out
 
@@ -389,21 +393,22 @@ CLAIMS = (
 def claims(summary: dict) -> list[dict]:
     """Each published claim with our numbers and whether we agree: for the landscape, the BN / standard ratio must
     be clearly below 1 (above for ℓ2 ICS; for the ICS claims "not smaller" also holds within noise); noisy BN
-    "trains about as fast as BN": its accuracy is closer to BN's than to the standard network's, at the middle and
-    last evaluations."""
+    "trains about as fast as BN": its accuracy is closer to BN's than to the standard network's at the first
+    evaluation after step 0, the middle and the last one."""
     n = len(summary["seeds"])
     out = []
     for text, metric, sign in CLAIMS:
         ratio = summary["ratios"]["bn"][metric]
         side = _clear(ratio, n, 1.0)
         if metric.startswith("ics"):  # "not smaller" / "not better aligned": only a clear opposite disagrees
-            verdict = "?" if n < 2 or ratio[0] is None else ("disagrees" if side == -sign else "agrees")
+            verdict = "?" if n < 2 or ratio[0] is None else {
+                sign: "agrees", 0: "agrees (within noise: not clearly either way)", -sign: "disagrees"}[side]
         else:
             verdict = "?" if n < 2 or ratio[0] is None else (
                 "agrees" if side == sign else "disagrees" if side == -sign else "within noise")
         out.append({"claim": text, "metric": metric, "ratio": ratio, "verdict": verdict})
     d = summary["acc_diff"]
-    close = all(abs(d["noisy_bn-bn"][w][0]) < abs(d["noisy_bn-standard"][w][0]) for w in ("mid", "final"))
+    close = all(abs(d["noisy_bn-bn"][w][0]) < abs(d["noisy_bn-standard"][w][0]) for w in WHEN)
     out.append({"claim": "noisy BN trains about as fast as BN, despite its moving input distributions (Fig. 2)",
                 "metric": "test_acc", "ratio": None, "verdict": "agrees" if close else "disagrees"})
     return out
@@ -413,22 +418,24 @@ def claims(summary: dict) -> list[dict]:
 # table
 
 
-def _ms(m_s, fmt: str = "{:.4g}") -> str:
+def _ms(m_s, fmt: str = "{:.3g}") -> str:
     mean, std = m_s
     if mean is None:
         return "-"
-    return fmt.format(mean) + (f" ± {fmt.format(std)}" if std else "")
+    return fmt.format(mean) + (f" ± {fmt.replace('+', '').format(std)}" if std else "")
 
 
 NOTES = """\
-Mean ± std over {n} seed(s). Landscape and ICS columns: each network's measure averaged over its evaluations after
-step 0 (every {every} steps up to {final:,}), on the mini-batch it trains on next, in train mode; step sizes
-η = lr·k, lr = {lr}, k in {grid}. *ICS*: ‖G - G'‖ and cos(G, G') of Definition 2.1, averaged over conv/linear
-layers {layers}. The ratios are paired (same seed, same batches): measure of the BN network / that of the standard one.
+Mean ± std over {n} seed(s). Landscape and ICS columns: each network's measure averaged over its evaluations
+after step 0 (every {every} steps up to {final:,}), on the mini-batch it trains on next, in train mode; step
+sizes η = lr·k, lr = {lr}, k in {grid}. *ICS*: ‖G − G'‖ and cos(G, G') of Definition 2.1, per conv/linear
+layer {layers} and their mean. Test accuracy on the test set in eval mode (noisy BN: without its noise). The
+ratios are paired (same seed, same batches): the measure of the BN (noisy BN) network over that of the standard
+one, per seed.
 
-The paper gives plots, not numbers (VGG on CIFAR-10 and a 25-layer deep linear network; ours: a {depth}-conv CNN on
-MNIST, {final:,} steps): each claim is compared by direction. "within noise": the ratio is not clearly (2·std/√seeds)
-on either side of 1.
+The paper gives plots, not numbers (VGG on CIFAR-10 and a 25-layer deep linear network; ours: a {depth}-conv
+CNN on MNIST, {final:,} steps): each claim is compared by direction. "within noise": the ratio is not clearly
+(2·std/√seeds) on either side of 1.
 """
 
 
@@ -437,26 +444,31 @@ def format_table(summary: dict) -> str:
     rows = []
     for a in ARMS:
         info = summary["arms"][a]
-        rows.append((LABELS[a], *(_ms(info[m]) for m in SUMMARY_METRICS), _ms(info["acc_mid"], "{:.4f}"),
-                     _ms(info["acc_final"], "{:.4f}")))
+        rows.append((LABELS[a], *(_ms(info[m]) for m in SUMMARY_METRICS),
+                     *(_ms(info[f"acc_{w}"], "{:.4f}") for w in WHEN)))
     header = ("network", "loss variation", "grad. predictiveness (ℓ2 range)", "effective β", "ICS ℓ2", "ICS cos",
-              f"test acc @ {summary['mid_step']:,}", f"test acc @ {summary['final_step']:,}")
+              *(f"test acc @ {summary[w + '_step']:,}" for w in WHEN))
     claim_rows = []
     for c in summary["claims"]:
         if c["ratio"] is None:
             d = summary["acc_diff"]
             ours_text = ("; ".join(f"@ {summary[w + '_step']:,}: noisy − BN {_ms(d['noisy_bn-bn'][w], '{:+.4f}')}, "
                                    f"noisy − standard {_ms(d['noisy_bn-standard'][w], '{:+.4f}')}"
-                                   for w in ("mid", "final")))
+                                   for w in WHEN))
         else:
             noisy = summary["ratios"]["noisy_bn"][c["metric"]]
             ours_text = f"BN/standard {_ms(c['ratio'], '{:.3g}')} (noisy BN/standard {_ms(noisy, '{:.3g}')})"
         claim_rows.append((c["claim"], ours_text, c["verdict"]))
+    layer_rows = [(LABELS[a], *(f"{_ms(summary['ics_layers'][a][str(i)]['l2'])} / "
+                                f"{_ms(summary['ics_layers'][a][str(i)]['cos'], '{:.3f}')}" for i in summary["layers"]))
+                  for a in ARMS]
+    layer_header = ("ICS per layer: ‖G − G'‖ / cos", *(f"layer {i}" for i in summary["layers"]))
     depth = len(summary["layers"])
     grid = "(" + ", ".join(f"{k:g}" for k in summary["step_grid"]) + ")"
     cfg = summary.get("config", {})
     return "\n".join([
         markdown_table(header, rows), "",
+        markdown_table(layer_header, layer_rows), "",
         markdown_table(("published claim (Santurkar et al. 2018)", "ours", "agrees?"), claim_rows), "",
         NOTES.format(n=len(summary["seeds"]), every=cfg.get("eval_every", "?"), final=summary["final_step"],
                      lr=summary["lr"], grid=grid, layers=", ".join(map(str, summary["layers"])), depth=depth),
@@ -467,15 +479,22 @@ def format_table(summary: dict) -> str:
 # the figure
 
 
-def _curve(records: list[dict], arm: str, cfg: LandscapeConfig, fn) -> tuple[np.ndarray, np.ndarray]:
+def _band(records: list[dict], arm: str, cfg: LandscapeConfig, fn, log: bool) -> tuple[np.ndarray, ...]:
+    """Per record, the mean over the seeds of ``fn(record, key)`` and a band of ± one std; on a log axis both in
+    log space (geometric mean, times / divided by the geometric std), so that the band stays positive."""
     vals = np.array([[fn(r, unit_key(arm, s, cfg)) for s in seed_list(cfg)] for r in records], dtype=np.float64)
+    if log:
+        vals = np.log(vals)
+    mean = vals.mean(axis=1)
     std = vals.std(axis=1, ddof=1) if vals.shape[1] > 1 else np.zeros(len(vals))
-    return vals.mean(axis=1), std
+    lo, hi = mean - std, mean + std
+    return (np.exp(mean), np.exp(lo), np.exp(hi)) if log else (mean, lo, hi)
 
 
 def plot_figure(records: list[dict], meta: dict):
-    """As the paper's Fig. 4, over training for the three networks (mean ± std over the seeds): loss variation,
-    gradient predictiveness, effective β-smoothness; then ICS ℓ2 (mean over layers) and test accuracy."""
+    """As the paper's Fig. 4, over training for the three networks (mean ± std over the seeds; on the log axes of
+    the log): loss variation, gradient predictiveness, effective β-smoothness; then the ICS ℓ2 and cosine (mean
+    over layers) and test accuracy."""
     from normlab.lab.plots import pyplot, run_note
 
     plt = pyplot()
@@ -497,9 +516,9 @@ def plot_figure(records: list[dict], meta: dict):
     axes = axes.flatten()
     for ax, (title, fn, log) in zip(axes, panels):
         for a in ARMS:
-            mean, std = _curve(records, a, cfg, fn)
+            mean, lo, hi = _band(records, a, cfg, fn, log)
             ax.plot(steps, mean, color=COLORS[a], label=LABELS[a])
-            ax.fill_between(steps, mean - std, mean + std, color=COLORS[a], alpha=0.2, linewidth=0)
+            ax.fill_between(steps, lo, hi, color=COLORS[a], alpha=0.2, linewidth=0)
         if log:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
@@ -511,7 +530,7 @@ def plot_figure(records: list[dict], meta: dict):
     axes[-1].legend(loc="lower right", fontsize=8)
     grid = ", ".join(f"{k:g}" for k in cfg.step_grid)
     note = (f"small CNN {tuple(cfg.channels)} on MNIST, SGD lr={cfg.lr}, batch {cfg.batch_size}; η = lr·k, "
-            f"k ∈ {{{grid}}}; {cfg.seeds} seed(s) from {cfg.seed} (mean ± std)")
+            f"k ∈ {{{grid}}}; {cfg.seeds} seed(s) from {cfg.seed}: mean ± std (log axes: of the log)")
     extra = run_note(meta)
     fig.suptitle("Why BN helps (Santurkar et al. 2018, Fig. 4): " + note + (f"\n{extra}" if extra else ""),
                  fontsize=9)
