@@ -40,6 +40,7 @@ demo: $(VENV)/.installed-demo
 RESULTS ?= results/quick
 REPORT ?= $(RESULTS)/report.html
 report: $(VENV)/.installed-demo
+	@test -n "$(strip $(RESULTS))" || { echo "make report: RESULTS is empty (it names the folder to fill)" >&2; exit 2; }
 	@names="$$($(BIN)/python -c 'from normlab.lab import registry; print(*registry.experiments())')" && \
 	for name in $$names; do \
 		echo "== normlab $$name --quick --out $(RESULTS)/$$name"; \

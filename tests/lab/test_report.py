@@ -9,6 +9,7 @@ import html.parser
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import run_quick
 
+import normlab
 from normlab.lab import cli, files
 from normlab.lab import report as R
 from normlab.lab.metrics import markdown_table
@@ -104,7 +106,7 @@ def _fake_run(folder: Path, experiment: str = "mnist", quick: bool = False, sour
 
 
 class _Page(html.parser.HTMLParser):
-    """What the tests look at in a page: ids, in-page links, img sources, every src/href, text of sections."""
+    """What the tests look at in a page: ids, links, img sources, and every URL-valued attribute."""
 
     def __init__(self, text: str):
         super().__init__()
@@ -122,7 +124,7 @@ class _Page(html.parser.HTMLParser):
         self.refs += [v for k, v in attrs if k in ("src", "href", "action", "srcset", "poster", "data") and v]
 
 
-def _build(root: Path, tmp_path: Path, capsys=None) -> tuple[str, _Page, list]:
+def _build(root: Path, tmp_path: Path) -> tuple[str, _Page, list]:
     out = tmp_path / "page.html"
     path, entries = R.write_report(root, out, log=lambda m: None)
     assert path == out
@@ -133,6 +135,8 @@ def _build(root: Path, tmp_path: Path, capsys=None) -> tuple[str, _Page, list]:
 def test_page_holds_every_run_escaped_marked_and_indexed(tmp_path):
     root = tmp_path / "results"
     _fake_run(root / "quick" / "mnist", quick=True)
+    svg = '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="2"><rect width="4" height="2"/></svg>'
+    (root / "quick" / "mnist" / "a-redrawn.svg").write_text(svg)  # as `normlab plot RUN --out x.svg` leaves it
     _fake_run(root / "sample-run", source="sample",
               table="## t\n\n<script>alert(1)</script> & <img src=x onerror=alert(2)>\n",
               command=["normlab", "mnist", "--out", "<b>odd & 'quoted'</b>"])
@@ -161,8 +165,13 @@ def test_page_holds_every_run_escaped_marked_and_indexed(tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;img src=x onerror=alert(2)&gt;" in text
     assert "normlab mnist --out &#x27;&lt;b&gt;odd &amp; &#x27;&quot;&#x27;&quot;&#x27;quoted&#x27;&quot;" in text
     # figures embedded as data: URIs, the PNG's own bytes; nothing outside the page
-    assert len(page.imgs) == 3 and all(base64.b64decode(s.split(",", 1)[1]) == PNG for s in page.imgs)
-    assert all(s.startswith("data:image/png;base64,") for s in page.imgs)
+    # the experiment's figure first, then the folder's other images
+    assert len(page.imgs) == 4
+    assert page.imgs[2] == "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+    pngs = page.imgs[:2] + page.imgs[3:]
+    assert all(s.startswith("data:image/png;base64,") and base64.b64decode(s.split(",", 1)[1]) == PNG for s in pngs)
+    assert text.index("<figcaption>figure1.png</figcaption>", text.index('id="run-2-quick-mnist"')) \
+        < text.index("<figcaption>a-redrawn.svg</figcaption>")
     assert all(r.startswith(("#", "data:")) for r in page.refs)
     assert not re.search(r"(?i)\b(src|href)\s*=\s*[\"']?\s*(https?:|//|file:)", text)
     assert f'content="{R.CSP}"' in text.replace("&#x27;", "'")
@@ -290,12 +299,14 @@ class Chromium:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_r)
         os.close(from_w)
-        self.w, self.r = os.fdopen(to_w, "wb"), os.fdopen(from_r, "rb")
+        self.w, self.r = os.fdopen(to_w, "wb"), from_r
         self.buf, self.next_id, self.events = b"", 0, []
 
-    def _recv(self) -> dict:
+    def _recv(self, timeout: float = 60) -> dict:
         while b"\0" not in self.buf:
-            chunk = self.r.read1(1 << 16)
+            if not select.select([self.r], [], [], timeout)[0]:
+                raise TimeoutError(f"chromium sent nothing for {timeout} s")
+            chunk = os.read(self.r, 1 << 16)
             if not chunk:
                 raise RuntimeError(f"chromium closed the pipe (exit code {self.proc.poll()})")
             self.buf += chunk
@@ -329,7 +340,7 @@ class Chromium:
             self.proc.kill()
             self.proc.wait()
         self.w.close()
-        self.r.close()
+        os.close(self.r)
 
 
 # Runs in the page after load: every image decoded (its decode() promise and its natural size), the page's width
@@ -393,17 +404,18 @@ def test_report_of_quick_runs(quick_results, tmp_path):
     text = out.read_text()
     # each run's table.md, rendered: mnist's published column, regularization's two tables
     assert text.count("paper: without / with BN</th>") == 2 and "published top-1</th>" in text
-    assert "normlab 0.1.0" in text  # the runner records normlab's version
+    assert f"normlab {normlab.__version__}, python" in text  # the runner records normlab's version
 
 
-def test_report_in_headless_chromium(quick_results, tmp_path):
+def test_report_in_headless_chromium(tmp_path, request):
     exe = find_browser()
     if exe is None:
         pytest.skip("no headless Chromium: none of " + ", ".join(BROWSERS) + " is on PATH and $NORMLAB_CHROMIUM is "
                     "unset; install it (Debian: apt-get install chromium; .ci/run does) to test the page in a browser")
+    quick_results = request.getfixturevalue("quick_results")  # after the check: no training for a skipped test
     out = tmp_path / "report.html"
     R.write_report(quick_results, out)
-    url = out.resolve().as_uri()
+    text, url = out.read_text(), out.resolve().as_uri()
     browser = Chromium(exe, Path(tempfile.mkdtemp(dir=tmp_path, prefix="profile-")))
     try:
         seen = {name: load(browser, url, w, h, mobile, tmp_path / f"report-{name}.png")
@@ -412,7 +424,8 @@ def test_report_in_headless_chromium(quick_results, tmp_path):
         browser.close()
     print(f"\nscreenshots: {tmp_path / 'report-laptop.png'} {tmp_path / 'report-phone.png'}")
     for name, (result, requested) in seen.items():
-        assert result["sections"] == 3 and result["tables"] == 1 + 1 + 2, (name, result)
+        # the browser sees the page's sections and every table.md table (mnist's twice, regularization's two)
+        assert result["sections"] == 3 and result["tables"] == text.count("<table>\n<thead>") >= 4, (name, result)
         # every image decodes to a real picture
         assert len(result["sizes"]) == 3 and all(w > 100 and h > 100 for w, h in result["sizes"]), (name, result)
         # nothing requested but the file itself and its data: URIs; no resource fetched
@@ -425,3 +438,25 @@ def test_report_in_headless_chromium(quick_results, tmp_path):
         assert shot[:8] == b"\x89PNG\r\n\x1a\n"
         width = {"laptop": 1366, "phone": 390}[name]
         assert width - 20 <= int.from_bytes(shot[16:20], "big") <= width  # less a scroll bar, if one is drawn
+
+
+def test_the_browser_check_sees_a_broken_image_an_outside_request_and_sideways_scrolling(tmp_path):
+    """The checks above can fail: a page with an image that does not decode, one from outside the file, and a
+    line wider than a phone."""
+    exe = find_browser()
+    if exe is None:
+        pytest.skip("no headless Chromium (see test_report_in_headless_chromium)")
+    good = base64.b64encode(PNG).decode()
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><head><meta name="viewport" content="width=device-width"></head><body>'
+                    f'<img src="data:image/png;base64,{good}"><img src="data:image/png;base64,AAAA">'
+                    '<img src="http://127.0.0.1:9/outside.png"><pre>' + "x" * 200 + "</pre></body></html>")
+    browser = Chromium(exe, Path(tempfile.mkdtemp(dir=tmp_path, prefix="profile-")))
+    try:
+        result, requested = load(browser, page.as_uri(), 390, 844, True, tmp_path / "bad.png")
+    finally:
+        browser.close()
+    assert result["sizes"] == [[1, 1], [0, 0], [0, 0]]
+    assert "http://127.0.0.1:9/outside.png" in requested
+    # on a phone a page wider than the screen is zoomed out: the viewport grows to its width
+    assert max(result["scroll"], result["inner"]) > 390, result

@@ -257,8 +257,7 @@ def _run_body(run: RunFolder, entry: Entry, experiments: dict) -> None:
     if exp is not None:
         own = run.path / exp.figure_name
         if own.is_file():
-            images.remove(own)
-            images.insert(0, own)
+            images = [own, *(p for p in images if p != own)]
         else:
             notes.append(f"the figure {exp.figure_name} is missing.")
     for p in images:
