@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# Entry points on a fresh machine: `make demo`, `make test` and `make report`. Each creates .venv and installs what it
+# needs.
 # TORCH is the torch requirement pip installs; CI pins the CPU build (see .ci/run). On a machine without a GPU:
 #   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
 # installs the CPU build (torch 2.13.0+cpu: 754 MB installed) instead of the default CUDA one (a 5.5 GB .venv).
@@ -14,7 +15,7 @@ NORMLAB_DATA ?= $(SHARED_MNIST)
 export NORMLAB_DATA
 endif
 
-.PHONY: demo test lint bench-cpu bench-gpu clean
+.PHONY: demo test report lint bench-cpu bench-gpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/normlab mnist --quick
+
+# `make report`: the --quick size of every registered experiment (asked of the registry, so a new experiment joins
+# without an edit here), each into a fresh $(RESULTS)/<name>, then one HTML page of them all: $(REPORT).
+RESULTS ?= results/quick
+REPORT ?= $(RESULTS)/report.html
+report: $(VENV)/.installed-demo
+	@test -n "$(strip $(RESULTS))" || { echo "make report: RESULTS is empty (it names the folder to fill)" >&2; exit 2; }
+	@names="$$($(BIN)/python -c 'from normlab.lab import registry; print(*registry.experiments())')" && \
+	for name in $$names; do \
+		echo "== normlab $$name --quick --out $(RESULTS)/$$name"; \
+		rm -rf "$(RESULTS)/$$name" && $(BIN)/normlab $$name --quick --out "$(RESULTS)/$$name" || exit 1; \
+	done
+	$(BIN)/normlab report $(RESULTS) --out $(REPORT)
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

@@ -1,4 +1,5 @@
-"""The ``normlab`` command (also ``python -m normlab``): one subcommand per registered experiment, and ``plot``.
+"""The ``normlab`` command (also ``python -m normlab``): one subcommand per registered experiment, ``plot`` and
+``report``.
 
 Each experiment's flags are generated from its config dataclass (:func:`add_config_flags`): field ``batch_size``
 becomes ``--batch-size``, its help is the field's ``metadata["help"]``, booleans get ``--x/--no-x``. Every
@@ -146,8 +147,24 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", metavar="RESULTS_DIR", help="folder whose run folders (at any depth) the page shows")
+    p.add_argument("--out", help="the HTML file to write (default: RESULTS_DIR/report.html)")
+
+
+def _run_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from normlab.lab.report import write_report
+
+    out, entries = write_report(args.results, args.out, command=shlex.join([*invocation(), *argv]))
+    bad = sum(e.error is not None for e in entries)
+    note = f" ({bad} of them unreadable: see the messages above and their entries on the page)" if bad else ""
+    print(f"normlab report: {len(entries)} run(s){note} -> {out}", file=sys.stderr)
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``normlab`` argument parser: one subparser per registered experiment, then ``plot``."""
+    """The ``normlab`` argument parser: one subparser per registered experiment, then ``plot`` and ``report``."""
     from normlab.lab import registry
 
     parser = argparse.ArgumentParser(prog="normlab", description="normlab's lab: experiments from the BN paper.")
@@ -161,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="redraw a run's figure from its folder (the experiment is read from config.json)")
     _add_plot(p)
     p.set_defaults(handler=lambda args, argv: _run_plot(args))
+    p = sub.add_parser("report", help="one self-contained HTML page of every run under a folder",
+                       description="one self-contained HTML page of every run folder under RESULTS_DIR: figures "
+                       "embedded, tables, command, configuration and versions; opens offline in any browser")
+    _add_report(p)
+    p.set_defaults(handler=_run_report)
     return parser
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import normlab
 from normlab.lab import files
 from normlab.lab.experiment import Experiment, RunConfig, release_device_data, resolve_device, units
 from normlab.lab.rundir import RunError, RunFolder
@@ -285,7 +286,8 @@ def run(exp: Experiment, cfg: RunConfig, out: str | os.PathLike | None = None, r
             "paper": exp.paper,
             "our_choices": list(exp.our_choices),
             "data": data,
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
+            "versions": {"normlab": normlab.__version__, "python": platform.python_version(), "numpy": np.__version__,
+                         "torch": torch.__version__},
             "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
                      "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None},
         }
