@@ -76,13 +76,26 @@ def test_a_new_kind_is_one_table_entry(monkeypatch):
     monkeypatch.setattr(M, "NORM_LAYERS", dict(M.NORM_LAYERS))
     monkeypatch.setattr(M, "NORM_KINDS", M.NORM_KINDS)
 
-    def ghost(channels, dims, *, affine, eps, momentum, groups, **fused):
+    def mine(channels, dims, *, affine, eps, momentum, groups, **fused):
         return nl.BatchNorm1d(channels, eps=eps, momentum=momentum, affine=affine, **fused)
 
-    M.register_norm("ghost", ghost, centers_channels=True)
-    assert "ghost" in M.NORM_KINDS
-    net = M.make_mlp((7, 12, 5), norm="ghost", activation="relu")
+    M.register_norm("mine", mine, centers_channels=True)
+    assert "mine" in M.NORM_KINDS
+    net = M.make_mlp((7, 12, 5), norm="mine", activation="relu")
     assert isinstance(net[1], nl.BatchNorm1d) and net[0].bias is None
+
+
+def test_batch_renorm_and_ghost_kinds():
+    net = M.make_cnn((4, 8), norm="renorm", momentum=0.01)
+    renorms = [m for m in net if isinstance(m, nl.BatchRenorm2d)]
+    assert len(renorms) == 2 and net[0].bias is None and all(m.momentum == 0.01 for m in renorms)
+    assert isinstance(M.make_mlp((7, 12, 5), norm="renorm")[1], nl.BatchRenorm1d)
+    net = M.make_cnn((4, 8), norm="ghost", virtual_batch_size=3)
+    ghosts = [m for m in net if isinstance(m, nl.BatchNorm2d)]
+    assert [m.virtual_batch_size for m in ghosts] == [3, 3] and net[0].bias is None
+    assert ghosts[0].activation == "relu"  # fused, like the other kinds
+    with pytest.raises(ValueError, match="ghost batch norm needs virtual_batch_size="):
+        M.make_cnn((4, 8), norm="ghost")
 
 
 def test_load_weights_copies_in_order_and_checks_the_count():

@@ -241,31 +241,37 @@ class TorchArm:
         measure: ``measure(arm) -> dict``, run in eval mode under ``torch.no_grad()`` at each evaluation
             (default :func:`eval_metrics`); ``arm.step`` is the step the arm has trained to (0 before training),
             so a measure can tell the first evaluation from the last.
+        split: each step's batch of ``order`` is trained as ``split`` consecutive SGD steps of
+            ``order.batch_size // split`` rows (the same images in smaller batches; it must divide the batch).
     """
 
     def __init__(self, name: str, net: torch.nn.Module, data: DeviceData, order: mnist_data.DataOrder, seed: int,
                  device: str, lr: float = 0.1, optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
-                 measure: Callable[[TorchArm], dict] = eval_metrics):
-        self.name, self.seed, self.device = name, seed, torch.device(device)
+                 measure: Callable[[TorchArm], dict] = eval_metrics, split: int = 1):
+        if split < 1 or order.batch_size % split:
+            raise ValueError(f"split must be >= 1 and divide the order's batch size {order.batch_size}, got {split}")
+        self.name, self.seed, self.device, self.split = name, seed, torch.device(device), split
         self.net = net.to(self.device)
         self.opt = optimizer(self.net.parameters()) if optimizer else torch.optim.SGD(self.net.parameters(), lr=lr)
         self.data, self.order, self.measure = data, order, measure
         self.step = 0
 
     def train(self, start: int, end: int) -> float:
-        """SGD steps ``start`` to ``end - 1`` (0-based) on the batches of ``order``; returns their mean loss."""
+        """Steps ``start`` to ``end - 1`` (0-based) on the batches of ``order`` (``split`` SGD steps each); returns
+        the mean loss of their SGD steps."""
         torch.manual_seed(int(np.random.SeedSequence([self.seed, _arm_hash(self.name), start]).generate_state(1)[0]))
         rows = torch.from_numpy(self.order.segment(start, end)).to(self.device)  # (steps, B), one transfer
+        rows = rows.reshape(-1, rows.shape[1] // self.split)  # consecutive rows of one batch: one SGD step each
         total = torch.zeros((), device=self.device)
         x, y = self.data.train_x, self.data.train_y
-        for i in range(end - start):
+        for i in range(len(rows)):
             loss = torch.nn.functional.cross_entropy(self.net(x[rows[i]]), y[rows[i]])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
             total += loss.detach()  # summed on the device: no .item() per step, which would wait for the GPU
         self.step = end
-        return total.item() / max(end - start, 1)
+        return total.item() / max(len(rows), 1)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

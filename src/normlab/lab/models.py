@@ -41,6 +41,19 @@ def _batch(channels, dims, *, affine, eps, momentum, groups, **fused):
     return cls(channels, eps=eps, momentum=momentum, affine=affine, **fused)
 
 
+def _renorm(channels, dims, *, affine, eps, momentum, groups, **fused):
+    cls = nl.BatchRenorm1d if dims == 1 else nl.BatchRenorm2d
+    return cls(channels, eps=eps, momentum=momentum, affine=affine, **fused)
+
+
+def _ghost(channels, dims, *, affine, eps, momentum, groups, virtual_batch_size=None, **fused):
+    if virtual_batch_size is None:
+        raise ValueError("ghost batch norm needs virtual_batch_size= (the size of the batches its statistics are "
+                         "taken over)")
+    return _batch(channels, dims, affine=affine, eps=eps, momentum=momentum, groups=groups,
+                  virtual_batch_size=virtual_batch_size, **fused)
+
+
 def _layer(channels, dims, *, affine, eps, momentum, groups, **fused):
     # On (N, C, H, W) layer norm normalizes each sample over (C, H, W): GroupNorm with one group, which keeps the
     # per-channel affine of conv nets (LayerNorm((C, H, W)) would fix the image size).
@@ -61,12 +74,15 @@ def _instance(channels, dims, *, affine, eps, momentum, groups, **fused):
     return nl.InstanceNorm2d(channels, eps=eps, momentum=momentum, affine=affine, **fused)
 
 
-# kind -> builder. Batch renorm, ghost BN and other kinds are one register_norm call away.
+# kind -> builder; other kinds are one register_norm call away. "renorm": batch renorm (its limits are set by
+# normlab.nn.set_renorm_limits); "ghost": batch norm over virtual batches (needs virtual_batch_size=).
 NORM_LAYERS: dict[str, NormKind] = {
     "batch": NormKind(_batch, True),
     "layer": NormKind(_layer, False),
     "group": NormKind(_group, False),
     "instance": NormKind(_instance, True),
+    "renorm": NormKind(_renorm, True),
+    "ghost": NormKind(_ghost, True),
 }
 NORM_KINDS = ("none", *NORM_LAYERS)
 
@@ -87,15 +103,17 @@ def register_norm(kind: str, build: Callable[..., nn.Module], centers_channels: 
 
 def get_norm_layer(kind: str, channels: int, dims: int = 1, *, affine: bool = True, eps: float = 1e-5,
                    momentum: float | None = 0.1, groups: int = 4, activation: str | None = None,
-                   placement: str = "before") -> nn.Module | None:
+                   placement: str = "before", **options) -> nn.Module | None:
     """The ``kind`` norm layer for ``channels`` features (``dims=1``: ``(N, C)``; ``2``: ``(N, C, H, W)``), or None
-    for ``"none"``; ``activation``/``placement`` make it a fused normlab layer."""
+    for ``"none"``; ``activation``/``placement`` make it a fused normlab layer; ``options`` go to the kind's
+    builder (ghost's ``virtual_batch_size``)."""
     if kind == "none":
         return None
     if kind not in NORM_LAYERS:
         raise ValueError(f"norm must be one of {list(NORM_KINDS)}, got {kind!r}")
     fused = {} if activation is None else {"activation": activation, "placement": placement}
-    return NORM_LAYERS[kind].build(channels, dims, affine=affine, eps=eps, momentum=momentum, groups=groups, **fused)
+    return NORM_LAYERS[kind].build(channels, dims, affine=affine, eps=eps, momentum=momentum, groups=groups, **fused,
+                                   **options)
 
 
 def _check(norm: str, placement: str, activation: str, dropout: float) -> None:
