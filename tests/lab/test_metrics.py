@@ -3,6 +3,8 @@ engine's loss."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,10 @@ def test_mean_std_and_markdown_table():
     assert mean_std([5]) == (5.0, 0.0) and mean_std([1.0, None]) == (None, None)
     lines = markdown_table(("", "a"), [("row", "1.5")]).splitlines()
     assert lines == ["|     |   a |", "|-----|----:|", "| row | 1.5 |"]
+    # a pipe inside a cell (test-stats' "|μ−μ_pop|") is written \|: GitHub-flavoured Markdown cuts a row only at
+    # unescaped pipes, so every row keeps the header's columns (the report's rendering: tests/lab/test_report.py)
+    lines = markdown_table(("x", "L1 |μ−μ_pop|/σ_pop"), [("a|b", "|")]).splitlines()
+    assert lines == ["| x    | L1 \\|μ−μ_pop\\|/σ_pop |",
+                     "|------|---------------------:|",
+                     "| a\\|b |                   \\| |"]
+    assert [len(re.split(r"(?<!\\)\|", line)) for line in lines] == [4, 4, 4]

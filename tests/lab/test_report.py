@@ -1,6 +1,6 @@
-"""``normlab report``: the Markdown subset, the page built from run folders (escaping, marks, error entries, index,
-atomic write, errors), and the page of real --quick runs loaded in headless Chromium (every image decodes, nothing
-is requested from outside the file, no sideways scrolling at phone width; screenshots kept)."""
+"""``normlab report``: table.md's Markdown as HTML, the page built from run folders (escaping, marks, error
+entries, index, atomic write, errors), and the page of real --quick runs loaded in headless Chromium (every image
+decodes, nothing is requested from outside the file, no sideways scrolling at phone width; screenshots kept)."""
 
 from __future__ import annotations
 
@@ -25,54 +25,55 @@ from normlab.lab.metrics import markdown_table
 from normlab.lab.rundir import RunFolder
 
 # ---------------------------------------------------------------------------------------------------------------
-# Markdown
+# Markdown (markdown-it-py): what the page needs of it
 
 
 def test_markdown_table_aligns_escapes_and_wraps_in_a_scrolling_box():
     md = markdown_table(("arm", "test acc"), [("bn <b>", "0.9436"), ("a & b", "**0.5**")])
     out = R.markdown_html(md)
-    assert out.startswith('<div class="scroll"><table>')
-    assert "<th>arm</th><th class=right>test acc</th>" in out
-    assert "<td>bn &lt;b&gt;</td><td class=right>0.9436</td>" in out
-    assert "<td>a &amp; b</td><td class=right><strong>0.5</strong></td>" in out
-    assert "<b>" not in out
+    assert out.startswith('<div class="scroll"><table>') and out.endswith("</table>\n</div>\n")
+    assert '<th>arm</th>\n<th class="right">test acc</th>' in out
+    assert '<td>bn &lt;b&gt;</td>\n<td class="right">0.9436</td>' in out
+    assert '<td>a &amp; b</td>\n<td class="right"><strong>0.5</strong></td>' in out
+    assert "<b>" not in out and "style=" not in out
 
 
-def test_markdown_blocks_of_table_md():
+def test_markdown_cell_with_a_pipe_is_one_cell():
+    # test-stats' header has cells like "L1 |μ−μ_pop|/σ_pop": markdown_table writes its pipes \| (GitHub reads it so)
+    md = markdown_table(("stat", "L1 |μ−μ_pop|/σ_pop", "x̂ skew"), [("ema", "0.076", "1.2"), ("a|b", "|", "`c|d`")])
+    out = R.markdown_html(md)
+    assert '<th>stat</th>\n<th class="right">L1 |μ−μ_pop|/σ_pop</th>\n<th class="right">x̂ skew</th>' in out
+    assert '<td>ema</td>\n<td class="right">0.076</td>\n<td class="right">1.2</td>' in out
+    assert '<td>a|b</td>\n<td class="right">|</td>\n<td class="right"><code>c|d</code></td>' in out
+    assert out.count("</th>") == 3 and out.count("</td>") == 6 and "\\" not in out
+
+
+def test_markdown_of_table_md_headings_nest_under_the_run():
     text = "\n".join([
-        "## a title", "", "*Quick run (`--quick`): 100 steps, a demo.*", "",
+        "## a title", "", "*Quick run (`--quick`): 100 steps.*", "",
         "Command: `normlab x --out 'a b'`",  # a table right after a paragraph line, as mnist's table.md has
-        "| | b |", "|-|--:|", "| r | 1 |", "",
-        "### sub", "", "- **MLP**: ours a > b", "  second line of the item", "- item 2 * 3 * 4", "",
-        "text with \\| a pipe and 2*x*y and snake_case_name", "next line",
+        "| | b |", "|-|--:|", "| r | 1 |", "", "### sub", "", "- **MLP**: ours a > b", "###### deepest",
     ])
     out = R.markdown_html(text, heading_shift=1)
-    blocks = out.split("\n")
-    assert blocks[0] == "<h3>a title</h3>"
-    assert blocks[1] == "<p><em>Quick run (<code>--quick</code>): 100 steps, a demo.</em></p>"
-    assert blocks[2] == "<p>Command: <code>normlab x --out &#x27;a b&#x27;</code></p>"
-    assert "<td>r</td><td class=right>1</td>" in out
-    assert "<h4>sub</h4>" in out
-    assert ("<ul>\n<li><strong>MLP</strong>: ours a &gt; b\nsecond line of the item</li>\n<li>item 2 * 3 * 4</li>\n"
-            "</ul>") in out
-    # a lone * in arithmetic, an identifier's underscores: text; two lines of a paragraph: one paragraph
-    assert out.endswith("<p>text with | a pipe and 2*x*y and snake_case_name\nnext line</p>")
+    assert out.startswith("<h3>a title</h3>\n<p><em>Quick run (<code>--quick</code>): 100 steps.</em></p>\n")
+    assert "<p>Command: <code>normlab x --out 'a b'</code></p>\n<div class=\"scroll\"><table>" in out
+    assert '<td>r</td>\n<td class="right">1</td>' in out
+    assert "<h4>sub</h4>" in out and "<li><strong>MLP</strong>: ours a &gt; b</li>" in out
+    assert "<h6>deepest</h6>" in out  # no <h7>
+    assert R.markdown_html(text).startswith("<h2>a title</h2>")
 
 
-def test_markdown_cell_with_a_bare_pipe_is_cut_at_the_delimiter_rows_pipes():
-    # test-stats' header has cells like "L1 |μ−μ_pop|/σ_pop"; markdown_table pads every row to the same columns
-    md = markdown_table(("stat", "L1 |μ−μ_pop|/σ_pop", "x̂ skew"), [("ema", "0.076", "1.2")])
-    out = R.markdown_html(md)
-    assert "<th>stat</th><th class=right>L1 |μ−μ_pop|/σ_pop</th><th class=right>x̂ skew</th>" in out
-    assert "<td>ema</td><td class=right>0.076</td><td class=right>1.2</td>" in out
-    # an unaligned row with too many or too few cells: cut to the header's count, the missing ones empty
-    out = R.markdown_html("|a|b|\n|-|-|\n|1|2|3|\n|4|")
-    assert "<td>1</td><td>2</td></tr>" in out and "<td>4</td><td></td></tr>" in out
-
-
-def test_inline_code_keeps_its_markup_literal_and_escaped():
-    assert R.inline_html("`**x** <y>` and **z**") == "<code>**x** &lt;y&gt;</code> and <strong>z</strong>"
-    assert R.inline_html('<script>alert("x")</script>') == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+def test_markdown_escapes_html_and_keeps_every_reference_inside_the_page():
+    out = R.markdown_html('<script>alert("x")</script>\n\n`**x** <y>` and **z**\n\n<div onclick=f()>d</div>')
+    assert "<script" not in out and "<div" not in out
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in out
+    assert "<code>**x** &lt;y&gt;</code> and <strong>z</strong>" in out
+    # images and links to anything but an anchor of the page stay text: nothing is loaded, nothing leaves
+    out = R.markdown_html("![a](http://x/y.png) [l](javascript:alert(1)) <https://a.b> [r] [in](#index)\n\n"
+                          "[r]: file:///etc/passwd")
+    page = _Page(out)
+    assert page.imgs == [] and page.refs == ["#index"], out
+    assert "![a](http://x/y.png)" in out and "&lt;https://a.b&gt;" in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_page_holds_every_run_escaped_marked_and_indexed(tmp_path):
     assert "<tr><th>data_dir</th><td>null</td></tr>" in text
     assert "files at /d (60000 training / 10000 test images)" in text
     # the table rendered, responsive page
-    assert "<td>x</td><td class=right>1</td>" in text
+    assert "<h3>title</h3>" in text and '<td>x</td>\n<td class="right">1</td>' in text
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
     assert "img { max-width: 100%" in text and ".scroll { overflow-x: auto" in text
 

@@ -15,6 +15,7 @@ from normlab.lab import runner
 from normlab.lab.data import DataOrder
 from normlab.lab.experiment import TorchArm, device_data
 from normlab.lab.experiments import teststats as T
+from normlab.lab.report import markdown_html
 from normlab.lab.rundir import RunFolder
 
 EXP = T.TestStats()
@@ -169,6 +170,9 @@ def test_quick_run(real_dir, tmp_path):
     for name in T.methods(T.TestStatsConfig()):
         assert T.label(name) in table
     assert f"{last['acc/exact']:.4f}" in table and "m/(m−1) = 1.0169" in table
+    # the header's |μ−μ_pop| is written \| (GitHub reads a literal pipe) and the report shows it as one cell
+    assert "| L1 \\|μ−μ_pop\\|/σ_pop |" in table
+    assert '<th class="right">L1 |μ−μ_pop|/σ_pop</th>' in markdown_html(table)
 
 
 def test_resume_equals_uninterrupted(real_dir, tmp_path, monkeypatch):

@@ -45,8 +45,9 @@ def steps_to_reach(records: list[dict], key: str, threshold: float, metric: str 
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table with padded columns (readable printed as well as rendered); the first column left-aligned."""
-    cells = [list(header), *[list(r) for r in rows]]
+    """A Markdown table with padded columns (readable printed as well as rendered); the first column left-aligned.
+    A ``|`` inside a cell is written ``\\|``, which GitHub and markdown-it read as a literal pipe, not a cell break."""
+    cells = [[c.replace("|", "\\|") for c in r] for r in (header, *rows)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(r):

@@ -8,14 +8,14 @@ loads nothing from outside the file: no scripts, fonts, styles or images, and a 
 the browser. A run that cannot be read becomes an error entry on the page (and a line on stderr), never a missing
 page. The page is written atomically (:func:`normlab.lab.files.write_text`).
 
-:func:`markdown_html` renders the subset of Markdown that ``table.md`` files use: ``#`` headings, paragraphs,
-``-`` lists, pipe tables with ``:`` alignment, and inline code, ``**strong**`` and ``*emphasis*``.
+:func:`markdown_html` renders ``table.md`` with markdown-it-py (CommonMark and pipe tables, raw HTML escaped).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import html
 import os
 import re
@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from markdown_it import MarkdownIt
 
 import normlab
 from normlab.lab import files
@@ -43,130 +45,39 @@ def esc(value) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Markdown: the subset table.md uses
+# Markdown: table.md, by markdown-it-py
 
 
-_CODE = re.compile(r"(`+)(.+?)(?<!`)\1(?!`)", re.S)
-_STRONG = re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*", re.S)
-_EM = re.compile(r"(?<![\w*])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?![\w*])", re.S)
-_ESCAPED = re.compile(r"\\([\\`*_|#\[\]()<>-])")
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-_ITEM = re.compile(r"^\s{0,3}[-*+]\s+(.*)$")
-_RULE_CELL = re.compile(r"^\s*(:?)-+(:?)\s*$")
+@functools.cache
+def _markdown() -> MarkdownIt:
+    """CommonMark plus pipe tables; raw HTML is text (escaped), and links or images may point only inside the page
+    (``#...``): any other stays literal text, so table.md can neither inject markup nor make the page load anything."""
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    md.validateLink = lambda url: url.startswith("#")
 
+    def table_open(renderer, tokens, idx, options, env):  # wide tables scroll in their own box, not the page
+        return '<div class="scroll">' + renderer.renderToken(tokens, idx, options, env)
 
-def inline_html(text: str) -> str:
-    """One line (or paragraph) of Markdown inline markup as HTML: code spans, strong, emphasis, backslash escapes;
-    everything else escaped."""
-    slots: list[str] = []
+    def table_close(renderer, tokens, idx, options, env):
+        return renderer.renderToken(tokens, idx, options, env) + "</div>\n"
 
-    def keep(fragment: str) -> str:  # a private-use character stands for finished HTML while the rest is parsed
-        slots.append(fragment)
-        return f"\ue000{len(slots) - 1}\ue001"
-
-    text = _CODE.sub(lambda m: keep(f"<code>{esc(m.group(2).strip() or m.group(2))}</code>"), text)
-    text = _ESCAPED.sub(lambda m: keep(esc(m.group(1))), text)
-    text = esc(text)
-    text = _STRONG.sub(r"<strong>\1</strong>", text)
-    text = _EM.sub(r"<em>\1</em>", text)
-    while "\ue000" in text:  # a code span may hold an escape's slot; resolve until none is left
-        text = re.sub("\ue000(\\d+)\ue001", lambda m: slots[int(m.group(1))], text)
-    return text
-
-
-def _split_row(line: str) -> list[str]:
-    """The cells of a table row split at unescaped pipes (the outer pipes dropped), escapes kept for inline_html."""
-    s = line.strip()
-    if s.startswith("|"):
-        s = s[1:]
-    if s.endswith("|") and not s.endswith("\\|"):
-        s = s[:-1]
-    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
-
-
-def _rule(line: str) -> list[str] | None:
-    """The alignments ``left``/``right``/``center``/``""`` of a table's delimiter row, or None if it is not one."""
-    if "-" not in line or "|" not in line:
-        return None
-    cells = _split_row(line)
-    found = [_RULE_CELL.match(c) for c in cells]
-    if not all(found):
-        return None
-    return [{(True, False): "left", (False, True): "right", (True, True): "center"}.get((bool(m[1]), bool(m[2])), "")
-            for m in found]
-
-
-def _cells(line: str, rule_line: str, n: int) -> list[str]:
-    """``n`` cells of a row. A row whose unescaped pipes do not give ``n`` cells (a cell holding a bare ``|``, as in
-    ``|μ−μ_pop|``) is cut where the delimiter row has its pipes, when the row is aligned with it (as
-    :func:`normlab.lab.metrics.markdown_table` pads it); otherwise missing cells are empty and extra ones dropped."""
-    cells = _split_row(line)
-    if len(cells) != n and len(line.rstrip()) == len(rule_line.rstrip()):
-        cuts = [i for i, ch in enumerate(rule_line.rstrip()) if ch == "|"]
-        if len(cuts) == n + 1 and all(line[i] == "|" for i in cuts):
-            cells = [line[a + 1:b].strip() for a, b in zip(cuts, cuts[1:])]
-    return (cells + [""] * n)[:n]
-
-
-def _table(lines: list[str]) -> str:
-    align = _rule(lines[1])
-    n = len(align)
-
-    def row(line: str, tag: str) -> str:
-        cells = _cells(line, lines[1], n)
-        return "<tr>" + "".join(f"<{tag}{f' class={a}' if a else ''}>{inline_html(c)}</{tag}>"
-                                for c, a in zip(cells, align)) + "</tr>"
-
-    body = "\n".join(row(line, "td") for line in lines[2:])
-    return (f'<div class="scroll"><table>\n<thead>{row(lines[0], "th")}</thead>\n<tbody>\n{body}\n</tbody>'
-            "</table></div>")
-
-
-def _starts_table(lines: list[str], i: int) -> bool:
-    return "|" in lines[i] and i + 1 < len(lines) and _rule(lines[i + 1]) is not None
+    md.add_render_rule("table_open", table_open)
+    md.add_render_rule("table_close", table_close)
+    return md
 
 
 def markdown_html(text: str, heading_shift: int = 0) -> str:
-    """The HTML of ``text``, Markdown of the subset ``table.md`` uses: ``#`` headings (one level deeper per
-    ``heading_shift``, at most ``<h6>``), paragraphs, ``-`` lists (an item continues on the lines after it until a
-    blank line), pipe tables with a delimiter row (``:--``, ``--:``, ``:-:`` align) wrapped in a scrolling box, and
-    inline code, ``**strong**``, ``*emphasis*``, backslash escapes. Everything else is text, escaped."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            i += 1
-        elif m := _HEADING.match(line):
-            level = min(len(m.group(1)) + heading_shift, 6)
-            out.append(f"<h{level}>{inline_html(m.group(2))}</h{level}>")
-            i += 1
-        elif _starts_table(lines, i):
-            j = i + 2
-            while j < len(lines) and lines[j].strip().startswith("|"):
-                j += 1
-            out.append(_table(lines[i:j]))
-            i = j
-        elif _ITEM.match(line):
-            items: list[list[str]] = []
-            while i < len(lines) and lines[i].strip():
-                if m := _ITEM.match(lines[i]):
-                    items.append([m.group(1)])
-                elif _HEADING.match(lines[i]) or _starts_table(lines, i):
-                    break
-                else:
-                    items[-1].append(lines[i].strip())
-                i += 1
-            out.append("<ul>\n" + "\n".join(f"<li>{inline_html(chr(10).join(it))}</li>" for it in items) + "\n</ul>")
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not _HEADING.match(lines[i]) \
-                    and not _ITEM.match(lines[i]) and not _starts_table(lines, i):
-                para.append(lines[i].strip())
-                i += 1
-            out.append(f"<p>{inline_html(chr(10).join(para))}</p>")
-    return "\n".join(out)
+    """The HTML of the Markdown ``text`` (CommonMark and pipe tables, as :func:`_markdown` reads it): headings one
+    level deeper per ``heading_shift`` (at most ``<h6>``), a column's alignment (``--:``, ``:-:``) as the cell's
+    class ``right``/``center`` (the page's style sets it), everything taken from ``text`` escaped."""
+    md = _markdown()
+    tokens = md.parse(text)
+    for t in tokens:
+        if t.type in ("heading_open", "heading_close"):
+            t.tag = f"h{min(int(t.tag[1:]) + heading_shift, 6)}"
+        elif t.type in ("th_open", "td_open") and "style" in t.attrs:  # markdown-it gives "text-align:right"
+            t.attrs = {"class": str(t.attrs["style"]).removeprefix("text-align:")}
+    return md.renderer.render(tokens, md.options, {})
 
 
 # ---------------------------------------------------------------------------------------------------------------
