@@ -1,6 +1,7 @@
 """Where ATen's kernels on shifted input beat the numba loops on the CPU, the table behind ``normlab.aten_ops.pays``.
 
-One training step (forward + backward) or eval forward through ``normlab.functional`` with
+One training step (forward + backward) or eval forward (under ``no_grad``; for layer and group norm, which have no
+running statistics, the forward with the input's own statistics) through ``normlab.functional`` with
 ``NORMLAB_BACKEND=aten`` and ``=numba`` interleaved, over input sizes from 4K to 4M values and, for the kinds with
 spatial dims, over the spatial extent R (the numba loops' row length); each cell is the ratio of the two minimum
 thread CPU times (the minimum, and CPU rather than wall time, are robust to other load on the machine).
@@ -40,8 +41,8 @@ CASES = [
     ("batch (N, 256)", _batch, 256, None, ("train", "eval")),
     *[(f"batch (N, 64, {s}, {s})", _batch, 64, (s, s), ("train", "eval")) for s in (7, 14, 28, 56)],
     *[(f"instance (N, 64, {s}, {s})", _instance, 64, (s, s), ("train", "eval")) for s in (8, 16, 32)],
-    ("layer (N, 768)", _layer, 768, None, ("train",)),
-    *[(f"group 8 of (N, 64, {s}, {s})", _group, 64, (s, s), ("train",)) for s in (8, 32)],
+    ("layer (N, 768)", _layer, 768, None, ("train", "eval")),
+    *[(f"group 8 of (N, 64, {s}, {s})", _group, 64, (s, s), ("train", "eval")) for s in (8, 32)],
 ]
 
 

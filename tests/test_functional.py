@@ -215,7 +215,8 @@ def test_backend_choice(monkeypatch):
     planes = torch.empty(8, 64, 16, 16)  # more than SMALL values
     assert backend.aten(planes, spec.call("batch", planes.shape, 1e-5))  # short planes: ATen's
     assert not backend.aten(channels_last(planes), spec.call("batch", planes.shape, 1e-5))
-    assert backend.aten(big, spec.call("layer", big.shape, 1e-5, normalized_ndim=1))  # layer norm: always
+    layer = spec.call("layer", big.shape, 1e-5, normalized_ndim=1)
+    assert backend.aten(big, layer) and not backend.aten(big, layer, grad=False)  # layer norm: training steps
     assert not backend.aten(x.bfloat16(), call)
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     assert not backend.aten(x, call)

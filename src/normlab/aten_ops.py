@@ -38,14 +38,18 @@ from normlab.spec import Call, Plan, Running
 from normlab.torch_ops import is_channels_last
 
 # Where this path is the faster one under NORMLAB_BACKEND=auto, read off benchmarks/crossover.py's table (2-core dev
-# machine, one thread, training step and eval forward against the numba loops; see benchmarks/RESULTS.md):
+# machine, one thread, against the numba loops; see benchmarks/RESULTS.md). A training step (a gradient is wanted)
+# and a forward alone (eval, inference) differ: the shift is one extra pass, which a backward amortizes.
 # - small inputs (up to SMALL values), any kind: per-call Python dominates the loops' path (ATen's 0.5-0.9x);
-# - layer and group norm, any size: ATen's kernels are the faster (0.3-0.8x; group norm of 32x32 images 0.8-1.1x);
 # - batch norm with channels innermost in memory ((N, C), channels_last), the loops' row-of-channels family: the
-#   loops from 256K values on (ATen's 1.3-2.0x there: the shift is an extra pass);
-# - batch and instance norm of contiguous (N, C, *S): ATen's while a sample's plane holds at most ROW_MAX values
-#   (the loops' rows are that short: 0.4-0.95x), and in eval up to EVAL_MAX values; the loops beyond (1.1-1.8x).
+#   loops beyond SMALL (ATen's 0.9-1.0x in training, 1.0-1.9x in eval);
+# - layer norm: ATen's in training up to LAYER_MAX values (0.6-0.75x; 1.2x at 4M), the loops' in a forward alone
+#   (ATen's 1.2-1.8x from 256K values);
+# - batch, instance and group norm of contiguous (N, C, *S): ATen's while a plane (the loops' row) holds at most
+#   ROW_MAX values (0.3-0.95x in training), in a forward alone only up to EVAL_MAX values; the loops' for longer
+#   rows (ATen's 1.1-1.9x at 28x28 and larger).
 SMALL = 1 << 16
+LAYER_MAX = 1 << 21
 ROW_MAX = 256
 EVAL_MAX = 1 << 18
 
@@ -65,14 +69,17 @@ def supports(x: torch.Tensor, call: Call, stats=None, running: Running | None = 
     return True
 
 
-def pays(x: torch.Tensor, call: Call) -> bool:
-    """Whether this path is the faster one for ``call`` on ``x`` (``NORMLAB_BACKEND=auto``), as measured above."""
+def pays(x: torch.Tensor, call: Call, grad: bool) -> bool:
+    """Whether this path is the faster one for ``call`` on ``x`` (``NORMLAB_BACKEND=auto``), in a training step
+    (``grad``: a gradient is wanted) or a forward alone, as measured above."""
     p = call.plan
-    if p.numel <= SMALL or p.kind in ("layer", "group"):
+    if p.numel <= SMALL:
         return True
-    if p.R == 1 or is_channels_last(x):
+    if p.kind == "layer":
+        return grad and p.numel <= LAYER_MAX
+    if p.kind == "batch" and (p.R == 1 or is_channels_last(x)):
         return False
-    return p.R <= ROW_MAX and (call.use_input_stats or p.numel <= EVAL_MAX)
+    return p.R <= ROW_MAX and (grad or p.numel <= EVAL_MAX)
 
 
 @functools.lru_cache(maxsize=256)

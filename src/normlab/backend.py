@@ -54,12 +54,13 @@ def choice() -> str:
     return _parse(os.environ.get("NORMLAB_BACKEND", "auto"))
 
 
-def aten(x: torch.Tensor, call: Call, stats=None, running: Running | None = None) -> bool:
-    """Whether ATen's kernels on shifted input (:mod:`normlab.aten_ops`) normalize ``x`` for this call."""
+def aten(x: torch.Tensor, call: Call, stats=None, running: Running | None = None, grad: bool = True) -> bool:
+    """Whether ATen's kernels on shifted input (:mod:`normlab.aten_ops`) normalize ``x`` for this call (``grad``: a
+    gradient is wanted, a training step rather than a forward alone)."""
     want = choice()
     if want not in ("auto", "aten") or not aten_ops.supports(x, call, stats, running):
         return False
-    return want == "aten" or aten_ops.pays(x, call)
+    return want == "aten" or aten_ops.pays(x, call, grad)
 
 
 def select(x: torch.Tensor, p: Plan) -> ModuleType:

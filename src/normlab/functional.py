@@ -200,12 +200,13 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
         if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
             torch_ops.update_running_stats(running, mean, var, call.plan.m)
         return y
-    if backend.aten(x, call, stats, running):
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+    )
+    if backend.aten(x, call, stats, running, grad):
         return aten_ops.norm(x, w, b, call, stats, running)
     impl = backend.select(x, call.plan)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
-    ):
+    if grad:
         return _NormFunction.apply(x, w, b, call, stats, running, impl)
     return impl.forward(x, w, b, call, stats, running)[0]
 
