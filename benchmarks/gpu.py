@@ -13,8 +13,9 @@ Two timers, both medians, both reported:
   timed with CUDA events around the loop, the inputs rotating over as many sets as keep each call's inputs out of
   L2. This is what a training loop sees: when the host takes longer per call than the GPU, the host's time counts.
 - flushed: ``triton.testing.do_bench``, which zeroes 256 MB before every call to empty L2. While the GPU zeroes,
-  the host already enqueues the call (a head start of ~85 us that no training loop gets), so this timer hides up to
-  that much host time per call; it is kept as the cold-cache figure the earlier notes used.
+  the host already enqueues the call (a head start of the zeroing's length, 256 MB over the bandwidth: ~60 us on an
+  H200, ~85 us on an H100, which no training loop gets), so this timer hides up to that much host time per call; it
+  is kept as the cold-cache figure the H100 notes used.
 
 Peers: batch norm: eager cuDNN, eager native (``torch.backends.cudnn.flags(enabled=False)``) and
 ``torch.compile`` of ``F.relu(F.batch_norm(...))``; group and layer norm: eager and ``torch.compile``, given w and
@@ -119,7 +120,7 @@ TIMERS = {
     "back_to_back": "median ms per call over loops of calls issued back to back, CUDA events around each loop, "
                     "inputs rotating over enough sets to keep them out of L2",
     "flushed": "triton.testing.do_bench median, 256 MB zeroed before each call (L2 flushed; the host enqueues "
-               "during the flush, so up to ~85 us of host time per call is hidden)",
+               "during the flush, so up to the flush's length, ~60 us on an H200, of host time per call is hidden)",
 }
 TARGETS_USE = ("back_to_back: a training loop issues its steps back to back and never gets the flush's head start, "
                "so host time counts whenever it exceeds the GPU time")
@@ -345,7 +346,7 @@ def _device_info() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", default="benchmarks/gpu_results.json", help="JSON results path")
-    ap.add_argument("--quick", action="store_true", help="a few shapes only (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="7 cases only (about 1-2 minutes)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no real timing: test this script")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no timed case after this many seconds")
     ap.add_argument("--start", type=int, default=0, help="begin at this case (to finish a run the budget cut short)")
