@@ -251,7 +251,8 @@ def _bench(fn, sets, w, b, mode) -> dict:
     for call in calls:
         call()  # warm up: compiles, autotunes, and touches every set once
     flushed = _flushed(calls[0])
-    n = 2 if DRY_RUN else min(2000, max(10, math.ceil(BACK_TO_BACK_MS / flushed)))
+    # loops of ~BACK_TO_BACK_MS, sized from a short loop (not from the flushed time, which hides host time)
+    n = 2 if DRY_RUN else min(2000, max(10, math.ceil(BACK_TO_BACK_MS / _loop_ms(calls, 10))))
     return {"back_to_back": _back_to_back(calls, n), "flushed": flushed}
 
 
