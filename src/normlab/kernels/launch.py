@@ -49,11 +49,11 @@ class Activation:
 
     name: Optional[str] = None  # a name in normlab.spec.ACTIVATIONS, or None for none
     slope: float = LEAKY_SLOPE  # leaky_relu's negative slope
-    after: bool = False  # the norm comes after the activation (y = norm(f(x))) instead of before (y = f(norm(x)))
+    act_first: bool = False  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
 
     def args(self) -> dict:
-        """The kernels' ``ACT``, ``SLOPE`` and ``AFTER``."""
-        return {"ACT": self.name, "SLOPE": float(self.slope), "AFTER": self.after and self.name is not None}
+        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST``."""
+        return {"ACT": self.name, "SLOPE": float(self.slope), "ACT_FIRST": self.act_first and self.name is not None}
 
 
 NO_ACTIVATION = Activation()
