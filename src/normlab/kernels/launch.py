@@ -15,6 +15,8 @@ of an ``(N, C)`` input with one group) take the row path instead (:func:`layer_f
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,6 +59,26 @@ class Activation:
 
 
 NO_ACTIVATION = Activation()
+
+
+def device_guard(device: torch.device):
+    """A context making ``device`` CUDA's current device (a no-op for other devices): Triton launches on the current
+    device, so a tensor on cuda:1 while cuda:0 is current would fault."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_device_of(arg: int):
+    """Run the decorated launcher under :func:`device_guard` of its positional argument ``arg`` (its x)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with device_guard(args[arg].device):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -184,6 +206,7 @@ def _apply(x, w, b, mean, var, g: _Geometry, eps: float, act: Activation) -> tup
     return y, rstd
 
 
+@_on_device_of(0)
 def norm_fwd(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -202,6 +225,7 @@ def norm_fwd(
     return y, mean, rstd, var
 
 
+@_on_device_of(0)
 def norm_apply(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -229,6 +253,7 @@ def _grad_buffers(x, w, b, need_dx: bool) -> tuple[Optional[torch.Tensor], torch
     return (torch.empty_like(x) if need_dx else None), dw, db
 
 
+@_on_device_of(1)
 def norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -295,6 +320,7 @@ def _row_blocks(K: int) -> tuple[int, int, bool, int]:
     return block_n, block_k, single, min(16, max(4, block_n * block_k // 512))
 
 
+@_on_device_of(0)
 def layer_fwd(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -326,6 +352,7 @@ def layer_fwd(
     return y, mean, rstd, var
 
 
+@_on_device_of(1)
 def layer_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,

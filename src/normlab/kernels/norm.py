@@ -142,7 +142,11 @@ def _chan_merge(count, mean, m2, nb, mean_b, m2_b):
     return total, mean + delta * (nb / t1), m2 + m2_b + delta * delta * (count * nb / t1)
 
 
-@triton.jit
+# Integer arguments that change with the batch size (positions of a folded batch, row blocks, tiles, output rows,
+# statistics, rows) are do_not_specialize: Triton otherwise keys its compiled variants on each integer being 1 or a
+# multiple of 16, and a new batch size (a smaller last batch) would recompile every kernel.
+
+@triton.jit(do_not_specialize=("R", "nrb", "lim", "T", "OUT", "BPP"))
 def _stats_partial_kernel(
     x_ptr,  # input, addressed (n, c, r) -> n * s_n + c * s_c + r * s_r
     part_ptr,  # out (3, OUT, C, T) float32: count, mean - shift, m2 of each (output row, channel, tile)
@@ -191,7 +195,7 @@ def _stats_partial_kernel(
     tl.store(p + 2 * plane, m2, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "J"))
 def _stats_merge_kernel(
     part_ptr,  # (3, S, J) float32: count, mean - shift, m2 of the J = K * T tiles of each statistic
     x_ptr,  # input, to read each statistic's shift as _stats_partial_kernel did
@@ -253,7 +257,7 @@ def _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, POOL_BATCH: tl.constexpr, 
     return c, c_mask, _stat_index(n, c, G, K, POOL_BATCH), offs, c_mask[:, None] & (r < valid)[None, :], first
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R", "nrb"))
 def _apply_kernel(
     x_ptr,  # input, addressed as in _stats_partial_kernel
     y_ptr,  # out, same strides as x
@@ -292,7 +296,7 @@ def _apply_kernel(
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R", "nrb", "lim", "T", "OUT", "BPP"))
 def _grad_partial_kernel(
     dy_ptr,  # gradient of y, same strides as x
     x_ptr,  # input
@@ -346,7 +350,7 @@ def _grad_partial_kernel(
     tl.store(p + plane, sdzx, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "OUT"))
 def _grad_merge_channels_kernel(
     part_ptr,  # (2, OUT, C, T) float32 from _grad_partial_kernel
     q_ptr,  # out (2, OUT, C) float32: the tiles' sums per (output row, channel)
@@ -382,7 +386,7 @@ def _grad_merge_channels_kernel(
         tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S",))
 def _grad_merge_stats_kernel(
     q_ptr,  # (2, S, K) float32 from _grad_merge_channels_kernel, S = OUT * G
     w_ptr,  # (G * K,) weight; unused without HAS_W
@@ -410,7 +414,7 @@ def _grad_merge_stats_kernel(
     tl.store(c_ptr + S + s, c2 * inv_m, mask=s_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "R", "nrb"))
 def _dx_kernel(
     dy_ptr,  # gradient of y, same strides as x
     x_ptr,  # input
@@ -472,7 +476,7 @@ def _dx_kernel(
 #                             programs in index order by _layer_grad_merge_kernel (no atomics)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _layer_fwd_kernel(
     x_ptr,  # input (N, K), rows contiguous
     y_ptr,  # out (N, K), same layout
@@ -576,7 +580,7 @@ def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, SLOPE: tl.conste
     return xhat, tl.where(mask, dz, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "BPP"))
 def _layer_bwd_kernel(
     dy_ptr,  # gradient of y, (N, K) rows contiguous
     x_ptr,  # input, same layout
@@ -676,7 +680,7 @@ def _layer_bwd_kernel(
                 tl.store(p_db, tl.load(p_db, mask=k_mask, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("P",))
 def _layer_grad_merge_kernel(
     part_ptr,  # (2, P, K) float32 from _layer_bwd_kernel
     dw_ptr,  # out (K,) in w's dtype; unused without HAS_W
