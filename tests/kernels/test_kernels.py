@@ -559,7 +559,7 @@ def _meta(shape, channels_last=False):
         ("batch", (2, 65535 * 128), (2, 65535 * 128 + 1), False, {}),
         # per-sample statistics of many samples: the (3, N, C, T) partials past int32
         ("instance", (2**10, 1024, 1), (2**20, 1024, 1), False, {}),
-        # layer norm's (2, P, K) partials of dw, db past int32 (P <= min(N, 8 programs off CUDA))
+        # layer norm's (2, P, K) partials of dw, db past int32 (P: one program per row here)
         ("layer", (2, 2**28), (8, 2**28), False, {"normalized_ndim": 1}),
     ],
 )
@@ -713,3 +713,55 @@ def test_backward_takes_the_forwards_rstd(monkeypatch):
     dx1 = backward(dy, x.detach(), None, None, mean, rstd, call)[0]
     dx2 = backward(dy, x.detach(), None, None, mean, 2 * rstd, call)[0]
     torch.testing.assert_close(dx2, 2 * dx1)
+
+
+@pytest.mark.parametrize(
+    "kind,shape,groups,cl",
+    [
+        ("batch", (5, 3, 7, 3), None, True),
+        ("group", (3, 6, 13), 2, False),
+        ("layer", (25, 13), None, False),  # chunked rows, 3 row blocks per program: the partials are added to
+        ("layer", (25, 5), None, False),  # whole rows
+    ],
+)
+def test_scratch_buffers_need_no_zeroing(monkeypatch, kind, shape, groups, cl):
+    """Every scratch buffer (partial sums, merged sums) is written before it is read: filled with NaN instead of
+    left as allocated, the outputs and gradients are bit for bit the same (layer norm's backward allocates no zeros)."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    p = _plan(kind, shape, groups)
+    x, w, b, dy = _make(shape, cl, torch.float32, p)
+    call = _call(p, 1e-5, "silu")
+    runs = []
+    for nan_filled in (False, True):
+        if nan_filled:
+            monkeypatch.setattr(launch, "_scratch", lambda s, device: torch.full(s, float("nan"), device=device))
+        y, mean, rstd, var = kernels.forward(x, w, b, call)
+        runs.append((y, mean, rstd, var, *kernels.backward(dy, x, w, b, mean, rstd, call)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_host_integer_math_matches_triton():
+    """launch's plain-integer cdiv and next power of 2 (no Triton call on the host) agree with Triton's."""
+    import triton
+
+    assert all(launch._pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 5000))
+    assert all(launch._cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
+
+
+def test_launch_plan_cached(monkeypatch):
+    """The launch plan is computed once per (shape, layout, groups, device, TUNING): a second step of the same
+    shape only looks it up; a new TUNING is a new plan."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    launch._cached_plan.cache_clear()
+    shape = (4, 3, 5)
+    p = plan("batch", shape)
+    x, w, b, dy = _make(shape, False, torch.float32, p)
+    for _ in range(2):
+        _, mean, rstd, _ = kernels.forward(x, w, b, _call(p, 1e-5))
+        kernels.backward(dy, x, w, b, mean, rstd, _call(p, 1e-5))
+    info = launch._cached_plan.cache_info()
+    assert info.misses == 1 and info.hits >= 3
+    monkeypatch.setattr(launch, "TUNING", launch.Tuning())
+    kernels.forward(x, w, b, _call(p, 1e-5))
+    assert launch._cached_plan.cache_info().misses == 2

@@ -50,12 +50,11 @@ def _fits_int32(x: torch.Tensor, p: Plan) -> bool:
     path (int64 offsets everywhere would cost registers in every kernel)."""
     if x.numel() // max(p.N, 1) > _LIMIT:
         return False
-    if _rows(p):  # partial sums of dw, db: (2, P, K), P <= min(N, programs), addressed in int32
-        return p.N <= _LIMIT and 2 * min(p.N, launch._target_programs(x.device)) * p.K <= _INT32
-    g = launch._geometry(x, p.G, p.K, p.pool_batch, is_channels_last(x))
-    block_c, block_r, _ = launch._blocks(g)
-    T = launch._split(g, block_c, block_r, x.device)[2]
-    return g.N * g.R <= _LIMIT and -(-g.C // block_c) <= _GRID_Y and 3 * g.out * g.C * T <= _INT32
+    if _rows(p):  # partial sums of dw, db: (2, P, K), addressed in int32
+        return p.N <= _LIMIT and 2 * launch.row_plan_of(p.N, p.K, x.device).P * p.K <= _INT32
+    lp = launch.plan_of(x, p.G, p.K, p.pool_batch, is_channels_last(x))
+    g = lp.g
+    return g.N * g.R <= _LIMIT and lp.grid_c <= _GRID_Y and 3 * g.out * g.C * lp.T <= _INT32
 
 
 def _rows(p: Plan) -> bool:

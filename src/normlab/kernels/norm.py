@@ -589,7 +589,7 @@ def _layer_bwd_kernel(
     b_ptr,  # (K,) bias; unused without HAS_B
     mean_ptr,  # (N,) float32 statistics used by the forward
     rstd_ptr,  # (N,) float32
-    part_ptr,  # out (2, P, K) float32, zeroed: Σ dz * xhat and Σ dz over each program's rows
+    part_ptr,  # out (2, P, K) float32: Σ dz * xhat and Σ dz over each program's rows (written, not added to)
     N,  # rows
     K,  # row length
     BPP,  # row blocks (of BLOCK_N rows) per program; program p owns blocks p * BPP ... p * BPP + BPP - 1
@@ -675,9 +675,10 @@ def _layer_bwd_kernel(
                         da = da * _act_grad(x, ACT, SLOPE)
                     tl.store(dx_ptr + base + kk[None, :], da.to(dx_ptr.dtype.element_ty), mask=mask)
                 p_dw = part_ptr + pid * K + kk  # this program's own row of the partials: no other program writes it
-                tl.store(p_dw, tl.load(p_dw, mask=k_mask, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
+                acc = k_mask & (i > 0)  # the first row block writes the row, the next ones add to it: no zeroing
+                tl.store(p_dw, tl.load(p_dw, mask=acc, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
                 p_db = p_dw + plane
-                tl.store(p_db, tl.load(p_db, mask=k_mask, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
+                tl.store(p_db, tl.load(p_db, mask=acc, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
 
 
 @triton.jit(do_not_specialize=("P",))
