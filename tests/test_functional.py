@@ -303,3 +303,25 @@ def test_output_can_be_modified_in_place(shape, memory, cpu_backend):
             grads.append(torch.autograd.grad(y.sin().sum(), (x, w)))
         for a, b in zip(*grads):
             assert_close(a, b, torch.float64)
+
+
+def test_stats_function_materializes_no_zero_gradients():
+    """The statistics-returning autograd Function (ghost batch norm) gets None, not two allocated zeros, for its
+    non-differentiable mean and var."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    call = spec.call("batch", tuple(x.shape), 1e-5, None, "before", 0.01, True, None, None)
+    y, _, _ = F._StatsNormFunction.apply(x, None, None, call, torch_ops)
+    with Ops() as ops:
+        y.backward(torch.ones_like(y))
+    assert x.grad is not None and not [n for n in ops.names if n.startswith("zeros")], ops.names

@@ -40,12 +40,15 @@ class _NormFunction(torch.autograd.Function):
         y, mean, rstd, _ = impl.forward(x, w, b, call, stats, running)
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.call, ctx.impl = call, impl
+        ctx.set_materialize_grads(False)  # no zeros for a dy that never comes
         # y may be a view (a reshape of the backend's output), which autograd forbids the next layer to modify in
         # place (nn.ReLU(inplace=True), as in torchvision's ResNets); detach() is the same data, not a view
         return y.detach()
 
     @staticmethod
     def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 7
         x, w, b, mean, rstd = ctx.saved_tensors
         return _grads(ctx.impl, ctx.call, ctx.needs_input_grad, dy, x, w, b, mean, rstd) + (None,) * 4
 
@@ -221,10 +224,13 @@ class _StatsNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w, b, mean, rstd)
         ctx.call, ctx.impl = call, impl
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # _dmean, _dvar arrive as None, not as two zeros allocated per step
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
+        if dy is None:
+            return (None,) * 5
         x, w, b, mean, rstd = ctx.saved_tensors
         return _grads(ctx.impl, ctx.call, ctx.needs_input_grad, dy, x, w, b, mean, rstd) + (None, None)
 

@@ -28,14 +28,14 @@ def _signature(kernel, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
 
 
 def cases():
-    # (ACT, SLOPE, AFTER, POOL_BATCH, NEED_DX): every activation branch the constexprs select is compiled somewhere
-    for act, slope, after, pool_batch, need_dx in (
+    # (ACT, SLOPE, ACT_FIRST, POOL_BATCH, NEED_DX): every activation branch the constexprs select is compiled somewhere
+    for act, slope, act_first, pool_batch, need_dx in (
         (None, 0.01, False, True, True),
         ("gelu", 0.01, False, False, True),
         ("silu", 0.01, True, True, True),
         ("leaky_relu", 0.2, True, False, False),
     ):
-        a = dict(ACT=act, SLOPE=slope, AFTER=after)
+        a = dict(ACT=act, SLOPE=slope, ACT_FIRST=act_first)
         yield norm._stats_partial_kernel, {"x_ptr": "*bf16"}, dict(a, BLOCK_C=16, BLOCK_R=256)
         yield norm._stats_merge_kernel, {"x_ptr": "*bf16"}, dict(a, POOL_BATCH=pool_batch, BLOCK_S=64, BLOCK_J=64)
         yield (norm._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*bf16"},
@@ -46,16 +46,16 @@ def cases():
                dict(HAS_W=True, HAS_B=not pool_batch, BLOCK_C=64, BLOCK_T=64))  # fmt: skip
         yield norm._grad_merge_stats_kernel, {}, dict(HAS_W=not pool_batch, BLOCK_S=64, BLOCK_K=8)
         yield (norm._dx_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
-               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not after, BLOCK_C=128,
+               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not act_first, BLOCK_C=128,
                     BLOCK_R=32))  # fmt: skip
         # row path (layer norm): both SINGLE values, given and own statistics, with and without USE_INPUT_STATS and
         # NEED_DX
-        single = not pool_batch or after
+        single = not pool_batch or act_first
         yield (norm._layer_fwd_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "b_ptr": "*bf16"},
-               dict(a, HAS_W=True, HAS_B=pool_batch, USE_INPUT_STATS=not after, SINGLE=single,
+               dict(a, HAS_W=True, HAS_B=pool_batch, USE_INPUT_STATS=not act_first, SINGLE=single,
                     BLOCK_N=4 if single else 1, BLOCK_K=1024 if single else 4096))  # fmt: skip
         yield (norm._layer_bwd_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
-               dict(a, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not after, NEED_DX=need_dx, SINGLE=not pool_batch,
+               dict(a, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not act_first, NEED_DX=need_dx, SINGLE=not pool_batch,
                     BLOCK_N=1 if pool_batch else 4, BLOCK_K=4096 if pool_batch else 1024))  # fmt: skip
         yield (norm._layer_grad_merge_kernel, {"dw_ptr": "*bf16"},
                dict(HAS_W=True, HAS_B=not pool_batch, BLOCK_K=256, BLOCK_P=64))  # fmt: skip

@@ -8,6 +8,8 @@ and merge steps, with masked edges; some run with the default (GPU) tiles.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install normlab[gpu])")
 
 from normlab import kernels, reference, spec, torch_ops  # noqa: E402
-from normlab.kernels import launch  # noqa: E402
+from normlab.kernels import launch, norm  # noqa: E402
 from normlab.spec import LEAKY_SLOPE, plan  # noqa: E402
 from tests.conftest import ACT_PLACEMENTS  # noqa: E402
 
@@ -538,3 +540,228 @@ def test_compiles_for_sm90():
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "compiled 40 of 40" in run.stdout
+
+
+def _meta(shape, channels_last=False):
+    """An input of ``shape`` on the meta device: sizes without storage, for limits no test could allocate."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, device="meta", memory_format=fmt)
+
+
+@pytest.mark.parametrize(
+    "kind,fits,too_big,cl,extra",
+    [
+        # one sample over 2^31 values (c * s_c in int32)
+        ("batch", (1, 1, 2**30), (1, 3, 2**30), False, {}),
+        # NHWC folds the batch into the positions: N * H * W over 2^31 (r0 in int32)
+        ("batch", (2**14, 4, 256, 256), (2**15, 4, 256, 256), True, {}),
+        # (N, C): 128 channels per tile, so more than 65535 * 128 channels overflow the grid's second dimension
+        ("batch", (2, 65535 * 128), (2, 65535 * 128 + 1), False, {}),
+        # per-sample statistics of many samples: the (3, N, C, T) partials past int32
+        ("instance", (2**10, 1024, 1), (2**20, 1024, 1), False, {}),
+        # layer norm's (2, P, K) partials of dw, db past int32 (P: one program per row here)
+        ("layer", (2, 2**28), (8, 2**28), False, {"normalized_ndim": 1}),
+    ],
+)
+def test_supports_int32_limits(kind, fits, too_big, cl, extra):
+    """Inputs whose offsets or grid overflow int32 / CUDA's grid go to the torch path; the largest that fit do not
+    (meta tensors: only sizes and strides, nothing allocated)."""
+    assert kernels.supports(_meta(fits, cl), plan(kind, fits, **extra))
+    assert not kernels.supports(_meta(too_big, cl), plan(kind, too_big, **extra))
+
+
+def test_supports_expanded_input():
+    """A small tensor expanded to a huge logical size is judged by its logical size."""
+    shape = (1, 3, 2**30)
+    x = torch.zeros(1, 1, 1).expand(shape)
+    assert not kernels.supports(x, plan("batch", shape))
+
+
+class _Launches:
+    """Stands in for ``launch.norm``: records every kernel launch (kernel name, arguments, whether it ran inside
+    :func:`launch.device_guard`) and runs the real kernel; records the devices the guard was entered with."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.devices, self.depth = [], [], 0
+        real = launch.device_guard
+
+        @contextlib.contextmanager
+        def guard(device):
+            self.devices.append(device)
+            self.depth += 1
+            try:
+                with real(device):
+                    yield
+            finally:
+                self.depth -= 1
+
+        monkeypatch.setattr(launch, "device_guard", guard)
+        monkeypatch.setattr(launch, "norm", self)
+
+    def __getattr__(self, name):
+        kernel = getattr(norm, name)
+        calls = self.calls
+
+        class _Grid:
+            def __getitem__(_, grid):
+                def run(*args, **kwargs):
+                    calls.append((name, args, kwargs, self.depth > 0))
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        return _Grid()
+
+
+# (kind, shape without the batch, groups, channels_last, normalized_ndim)
+_SPEC_CASES = [
+    ("batch", (5, 3, 2), None, True, None),  # the batch folded into the positions
+    ("batch", (5, 3, 2), None, False, None),
+    ("group", (6, 7), 3, False, None),  # per-sample statistics: one output row per sample
+    ("layer", (2, 13), None, False, 2),  # the row path, chunked
+]
+
+
+def _step(kind, shape, groups, cl, nd, call_kw=None):
+    """Forward and backward through ``normlab.kernels`` of one case; returns x."""
+    p = plan(kind, shape, groups=groups, normalized_ndim=nd)
+    x, w, b, dy = _make(shape, cl, torch.float32, p)
+    call = _call(p, 1e-5, "relu")
+    _, mean, rstd, _ = kernels.forward(x, w, b, call)
+    kernels.backward(dy, x, w, b, mean, rstd, call)
+    return x
+
+
+def test_launches_run_on_the_inputs_device(monkeypatch):
+    """Every launch runs inside ``device_guard(x.device)``, which makes a CUDA tensor's device current (Triton
+    launches on the current device) and is a no-op on the CPU."""
+    guard = launch.device_guard(torch.device("cuda", 1))  # constructing it touches no GPU
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    rec = _Launches(monkeypatch)
+    for kind, rest, groups, cl, nd in _SPEC_CASES:
+        _step(kind, (3, *rest), groups, cl, nd)
+    assert rec.calls and all(inside for *_, inside in rec.calls)
+    assert rec.devices and all(d == torch.device("cpu") for d in rec.devices)
+
+
+def _binder(kernel, dns=True):
+    """Triton's own argument binder of ``kernel`` for sm_90: what keys its cache of compiled variants."""
+    jit = pytest.importorskip("triton.runtime.jit")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    kwargs = dict(kernel.kwargs) if dns else {}
+    fn = jit.JITFunction(kernel.fn, **kwargs)
+    return jit.create_function_from_signature(fn.signature, fn.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+def test_batch_size_does_not_recompile(monkeypatch):
+    """Two batch sizes (8 and 5, so every count changes its divisibility by 16 and its being 1) launch every kernel
+    with the same specialization, the key of Triton's cache of compiled variants: one compilation per kernel.
+    Without the kernels' ``do_not_specialize`` the same launches would need more."""
+    try:
+        from triton.backends import backends
+    except ImportError:
+        pytest.skip("this triton has no backend registry")
+    if "nvidia" not in backends:
+        pytest.skip("this triton was built without the NVIDIA backend")
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    rec = _Launches(monkeypatch)
+    keys, plain = {}, {}
+    for i, (kind, rest, groups, cl, nd) in enumerate(_SPEC_CASES):
+        for n in (8, 5, 1):
+            _step(kind, (n, *rest), groups, cl, nd)
+        for name, args, kwargs, _ in rec.calls:
+            kernel = getattr(norm, name)
+            variant = (i, name, tuple(sorted(kwargs.items())))  # the case (layout, shape apart from N) and constexprs
+            keys.setdefault(variant, set()).add(repr(_binder(kernel)(*args, **kwargs)[1]))
+            plain.setdefault(variant, set()).add(repr(_binder(kernel, dns=False)(*args, **kwargs)[1]))
+        rec.calls.clear()
+    assert {name for _, name, _ in keys} == {k for k in dir(norm) if k.endswith("_kernel")}
+    assert all(len(v) == 1 for v in keys.values()), [k[:2] for k, v in keys.items() if len(v) > 1]
+    assert any(len(v) > 1 for v in plain.values())
+
+
+def test_backward_takes_the_forwards_rstd(monkeypatch):
+    """Through normlab.functional, the kernels' backward gets the very rstd their forward computed (not one
+    recomputed from the variance), and uses it: another rstd gives another dx."""
+    import normlab.functional as F
+
+    monkeypatch.setenv("NORMLAB_BACKEND", "triton")
+    seen = {}
+    forward, backward = kernels.forward, kernels.backward
+
+    def fwd(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen["forward"] = out[2]
+        return out
+
+    def bwd(dy, x, w, b, mean, rstd, *args, **kwargs):
+        seen["backward"] = rstd
+        return backward(dy, x, w, b, mean, rstd, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "forward", fwd)
+    monkeypatch.setattr(kernels, "backward", bwd)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    F.batch_norm(x, None, None, training=True, activation="relu").sum().backward()
+    assert seen["backward"] is seen["forward"]
+    p = plan("batch", x.shape)
+    call = _call(p, 1e-5, use_input_stats=False)
+    mean, rstd, dy = torch.zeros(3), torch.ones(3), torch.randn(x.shape)
+    dx1 = backward(dy, x.detach(), None, None, mean, rstd, call)[0]
+    dx2 = backward(dy, x.detach(), None, None, mean, 2 * rstd, call)[0]
+    torch.testing.assert_close(dx2, 2 * dx1)
+
+
+@pytest.mark.parametrize(
+    "kind,shape,groups,cl",
+    [
+        ("batch", (5, 3, 7, 3), None, True),
+        ("group", (3, 6, 13), 2, False),
+        ("layer", (25, 13), None, False),  # chunked rows, 3 row blocks per program: the partials are added to
+        ("layer", (25, 5), None, False),  # whole rows
+    ],
+)
+def test_scratch_buffers_need_no_zeroing(monkeypatch, kind, shape, groups, cl):
+    """Every scratch buffer (partial sums, merged sums) is written before it is read: filled with NaN instead of
+    left as allocated, the outputs and gradients are bit for bit the same (layer norm's backward allocates no zeros)."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    p = _plan(kind, shape, groups)
+    x, w, b, dy = _make(shape, cl, torch.float32, p)
+    call = _call(p, 1e-5, "silu")
+    runs = []
+    for nan_filled in (False, True):
+        if nan_filled:
+            monkeypatch.setattr(launch, "_scratch", lambda s, device: torch.full(s, float("nan"), device=device))
+        y, mean, rstd, var = kernels.forward(x, w, b, call)
+        runs.append((y, mean, rstd, var, *kernels.backward(dy, x, w, b, mean, rstd, call)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_host_integer_math_matches_triton():
+    """launch's plain-integer cdiv and next power of 2 (no Triton call on the host) agree with Triton's."""
+    import triton
+
+    assert all(launch._pow2(v) == triton.next_power_of_2(max(v, 1)) for v in range(-2, 5000))
+    assert all(launch._cdiv(a, b) == triton.cdiv(a, b) for a in range(300) for b in range(1, 40))
+
+
+def test_launch_plan_cached(monkeypatch):
+    """The launch plan is computed once per (shape, layout, groups, device, TUNING): a second step of the same
+    shape only looks it up; a new TUNING is a new plan."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    launch._cached_plan.cache_clear()
+    shape = (4, 3, 5)
+    p = plan("batch", shape)
+    x, w, b, dy = _make(shape, False, torch.float32, p)
+    for _ in range(2):
+        _, mean, rstd, _ = kernels.forward(x, w, b, _call(p, 1e-5))
+        kernels.backward(dy, x, w, b, mean, rstd, _call(p, 1e-5))
+    info = launch._cached_plan.cache_info()
+    assert info.misses == 1 and info.hits >= 3
+    monkeypatch.setattr(launch, "TUNING", launch.Tuning())
+    kernels.forward(x, w, b, _call(p, 1e-5))
+    assert launch._cached_plan.cache_info().misses == 2

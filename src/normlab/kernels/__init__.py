@@ -20,11 +20,14 @@ import torch
 
 from normlab.kernels import launch
 from normlab.spec import Call, Plan, Running
-from normlab.torch_ops import update_running_stats
+from normlab.torch_ops import is_channels_last, update_running_stats
 
 __all__ = ["backward", "forward", "supports", "update_running_stats"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32 = 2**31 - 1
+_LIMIT = _INT32 - 2**16  # room for the padding of a tile past the last value
+_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 
 
 def supports(x: torch.Tensor, p: Plan) -> bool:
@@ -36,7 +39,22 @@ def supports(x: torch.Tensor, p: Plan) -> bool:
         and (x.dim() >= 2 or _rows(p))
         and x.numel() > 0
         and tuple(x.shape) == p.shape
+        and _fits_int32(x, p)
     )
+
+
+def _fits_int32(x: torch.Tensor, p: Plan) -> bool:
+    """Whether the kernels' int32 offsets and their grids fit: the values of one sample (``c * s_c``), the
+    positions of the whole batch (row blocks, and ``r0`` when the batch is folded into the positions), the partial
+    sums, and at most 65535 programs along the channels (the grid's second dimension). Larger inputs take the torch
+    path (int64 offsets everywhere would cost registers in every kernel)."""
+    if x.numel() // max(p.N, 1) > _LIMIT:
+        return False
+    if _rows(p):  # partial sums of dw, db: (2, P, K), addressed in int32
+        return p.N <= _LIMIT and 2 * launch.row_plan_of(p.N, p.K, x.device).P * p.K <= _INT32
+    lp = launch.plan_of(x, p.G, p.K, p.pool_batch, is_channels_last(x))
+    g = lp.g
+    return g.N * g.R <= _LIMIT and lp.grid_c <= _GRID_Y and 3 * g.out * g.C * lp.T <= _INT32
 
 
 def _rows(p: Plan) -> bool:
@@ -52,7 +70,7 @@ def _stat32(t: torch.Tensor, p: Plan) -> torch.Tensor:
 
 
 def _activation(call: Call) -> launch.Activation:
-    return launch.Activation(call.activation, call.negative_slope, call.placement == "after")
+    return launch.Activation(call.activation, call.negative_slope, act_first=call.placement == "after")
 
 
 def forward(x, w, b, call: Call, stats=None, running: Running | None = None):

@@ -15,20 +15,23 @@ of an ``(N, C)`` input with one group) take the row path instead (:func:`layer_f
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from normlab.kernels import norm
 from normlab.spec import LEAKY_SLOPE
 from normlab.torch_ops import is_channels_last
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tuning:
-    """Tile sizes; None picks them from the shape. Tests shrink them to exercise many tiles on tiny inputs."""
+    """Tile sizes; None picks them from the shape. Tests shrink them to exercise many tiles on tiny inputs. Frozen:
+    it keys the cache of launch plans, so a change is a new ``TUNING``."""
 
     tile: int = 4096  # elements per (BLOCK_C, BLOCK_R) tile
     block_c: Optional[int] = None
@@ -49,14 +52,34 @@ class Activation:
 
     name: Optional[str] = None  # a name in normlab.spec.ACTIVATIONS, or None for none
     slope: float = LEAKY_SLOPE  # leaky_relu's negative slope
-    after: bool = False  # the norm comes after the activation (y = norm(f(x))) instead of before (y = f(norm(x)))
+    act_first: bool = False  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
 
     def args(self) -> dict:
-        """The kernels' ``ACT``, ``SLOPE`` and ``AFTER``."""
-        return {"ACT": self.name, "SLOPE": float(self.slope), "AFTER": self.after and self.name is not None}
+        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST``."""
+        return {"ACT": self.name, "SLOPE": float(self.slope), "ACT_FIRST": self.act_first and self.name is not None}
 
 
 NO_ACTIVATION = Activation()
+
+
+def device_guard(device: torch.device):
+    """A context making ``device`` CUDA's current device (a no-op for other devices): Triton launches on the current
+    device, so a tensor on cuda:1 while cuda:0 is current would fault."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_device_of(arg: int):
+    """Run the decorated launcher under :func:`device_guard` of its positional argument ``arg`` (its x)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with device_guard(args[arg].device):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -83,9 +106,9 @@ class _Geometry:
         return self.out * self.G
 
 
-def _geometry(x: torch.Tensor, G: int, K: int, pool_batch: bool, channels_last: bool) -> _Geometry:
-    N, C = x.shape[0], x.shape[1]
-    R = x.numel() // max(N * C, 1)
+def _geometry(shape: tuple[int, ...], G: int, K: int, pool_batch: bool, channels_last: bool) -> _Geometry:
+    N, C = shape[0], shape[1]
+    R = math.prod(shape[2:]) if N * C else 0
     s_n, s_c, s_r = (R * C, 1, C) if channels_last else (C * R, R, 1)
     m = K * R * (N if pool_batch else 1)
     if pool_batch and (R == 1 or s_n == R * s_r):
@@ -94,13 +117,18 @@ def _geometry(x: torch.Tensor, G: int, K: int, pool_batch: bool, channels_last: 
     return _Geometry(N, C, R, G, K, s_n, s_c, s_r, pool_batch, m)
 
 
+# Plain integer math: triton.cdiv and triton.next_power_of_2 cost microseconds a call on the host.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    """The least power of 2 >= v (1 for v <= 1)."""
+    return 1 << max(int(v) - 1, 0).bit_length()
 
 
-def _blocks(g: _Geometry) -> tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_R, num_warps)``: a tile of about ``TUNING.tile`` elements along the contiguous axis."""
-    t = TUNING
+def _blocks(g: _Geometry, t: Tuning) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_R, num_warps)``: a tile of about ``t.tile`` elements along the contiguous axis."""
     if g.s_c == 1:  # channels contiguous: wide in C, a few rows
         block_c = t.block_c or min(_pow2(g.C), 128)
         block_r = t.block_r or max(1, min(_pow2(g.R), t.tile // block_c))
@@ -110,27 +138,73 @@ def _blocks(g: _Geometry) -> tuple[int, int, int]:
         elif g.R <= 1024:
             block_r = _pow2(g.R)
         else:  # least padding, ties to the larger block
-            block_r = min((256, 512, 1024), key=lambda b: (triton.cdiv(g.R, b) * b, -b))
+            block_r = min((256, 512, 1024), key=lambda b: (_cdiv(g.R, b) * b, -b))
         block_c = t.block_c or max(1, min(_pow2(g.C), t.tile // block_r))
     return block_c, block_r, (8 if block_c * block_r >= 4096 else 4)
 
 
-def _target_programs(device: torch.device) -> int:
-    """How many programs a reduction should spread over: ``TUNING.programs``, else 4 per SM on CUDA, 8 elsewhere."""
-    if TUNING.programs is not None:
-        return TUNING.programs
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, asked once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split(g: _Geometry, block_c: int, block_r: int, device: torch.device) -> tuple[int, int, int, int]:
+def _target_programs(device: torch.device, t: Tuning) -> int:
+    """How many programs a reduction should spread over: ``t.programs``, else 4 per SM on CUDA, 8 elsewhere."""
+    if t.programs is not None:
+        return t.programs
+    if device.type != "cuda":
+        return 8
+    return 4 * _sm_count(device if device.index is not None else torch.device("cuda", torch.cuda.current_device()))
+
+
+def _split(g: _Geometry, block_c: int, block_r: int, target: int) -> tuple[int, int, int, int]:
     """Row blocks of the reductions: ``(nrb, lim, T, BPP)``, so that ``OUT * T * cdiv(C, BLOCK_C)`` programs of
     ``BPP`` row blocks each keep every SM busy even when C is small."""
-    nrb = triton.cdiv(g.R, block_r)
+    nrb = _cdiv(g.R, block_r)
     lim = g.N * nrb if g.pool_batch else nrb
-    target = _target_programs(device)
-    per_row = max(1, target // (g.out * triton.cdiv(g.C, block_c)))
-    bpp = triton.cdiv(lim, min(lim, per_row))
-    return nrb, lim, triton.cdiv(lim, bpp), bpp
+    per_row = max(1, target // (g.out * _cdiv(g.C, block_c)))
+    bpp = _cdiv(lim, min(lim, per_row))
+    return nrb, lim, _cdiv(lim, bpp), bpp
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How the ``(N, C, R)`` kernels run over one geometry: tiles, row blocks, grids."""
+
+    g: _Geometry
+    block_c: int
+    block_r: int
+    warps: int
+    nrb: int  # row blocks per sample
+    lim: int  # row blocks per output row of the reductions
+    T: int  # tiles per output row
+    bpp: int  # row blocks per tile
+    grid_c: int  # cdiv(C, BLOCK_C): the grids' second dimension
+
+    @property
+    def fwd(self) -> dict:
+        """The launch options of the tile kernels."""
+        return {"BLOCK_C": self.block_c, "BLOCK_R": self.block_r, "num_warps": self.warps}
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(shape, G, K, pool_batch, channels_last, device, t: Tuning) -> _Plan:
+    g = _geometry(shape, G, K, pool_batch, channels_last)
+    block_c, block_r, warps = _blocks(g, t)
+    nrb, lim, T, bpp = _split(g, block_c, block_r, _target_programs(device, t))
+    return _Plan(g, block_c, block_r, warps, nrb, lim, T, bpp, _cdiv(g.C, block_c))
+
+
+def plan_of(x: torch.Tensor, G: int, K: int, pool_batch: bool, channels_last: bool) -> _Plan:
+    """The launch plan of the canonical ``x`` (see :func:`_canonical`), computed once per (shape, layout, groups,
+    device, ``TUNING``)."""
+    return _cached_plan(tuple(x.shape), G, K, pool_batch, channels_last, x.device, TUNING)
+
+
+def _scratch(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A float32 buffer the kernels fill completely before they read it (never zeroed)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
 
 
 def _canonical(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -151,39 +225,36 @@ def _vec(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t.reshape(-1).contiguous()
 
 
-def _reduce_stats(x: torch.Tensor, g: _Geometry, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    block_c, block_r, warps = _blocks(g)
-    nrb, lim, T, bpp = _split(g, block_c, block_r, x.device)
-    part = torch.empty((3, g.out, g.C, T), device=x.device, dtype=torch.float32)
-    norm._stats_partial_kernel[(g.out * T, triton.cdiv(g.C, block_c))](
-        x, part, g.C, g.R, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, g.K, bpp,
-        **act.args(), BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+def _reduce_stats(x: torch.Tensor, lp: _Plan, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+    g, T = lp.g, lp.T
+    part = _scratch((3, g.out, g.C, T), x.device)
+    norm._stats_partial_kernel[(g.out * T, lp.grid_c)](
+        x, part, g.C, g.R, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, g.K, lp.bpp, **act.args(), **lp.fwd,
     )  # fmt: skip
-    mean = torch.empty(g.S, device=x.device, dtype=torch.float32)
-    var = torch.empty(g.S, device=x.device, dtype=torch.float32)
+    mean = _scratch((g.S,), x.device)
+    var = _scratch((g.S,), x.device)
     mb = TUNING.merge_block
-    norm._stats_merge_kernel[(triton.cdiv(g.S, mb),)](
+    norm._stats_merge_kernel[(_cdiv(g.S, mb),)](
         part, x, mean, var, g.S, g.K * T, g.G, g.K, g.s_n, g.s_c,
         **act.args(), POOL_BATCH=g.pool_batch, BLOCK_S=mb, BLOCK_J=mb,
     )  # fmt: skip
     return mean, var
 
 
-def _apply(x, w, b, mean, var, g: _Geometry, eps: float, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply(x, w, b, mean, var, lp: _Plan, eps: float, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, rstd)``: x normalized with the flat float32 ``mean`` and ``var``, and ``1 / sqrt(var + eps)``."""
     y = torch.empty_like(x)
     rstd = torch.empty_like(var)
-    block_c, block_r, warps = _blocks(g)
-    nrb = triton.cdiv(g.R, block_r)
-    norm._apply_kernel[(g.N * nrb, triton.cdiv(g.C, block_c))](
+    g = lp.g
+    norm._apply_kernel[(g.N * lp.nrb, lp.grid_c)](
         x, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps,
-        g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
-        **act.args(), POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None,
-        BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+        g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
+        **act.args(), POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None, **lp.fwd,
     )  # fmt: skip
     return y, rstd
 
 
+@_on_device_of(0)
 def norm_fwd(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -196,12 +267,13 @@ def norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training forward: ``(y, mean, rstd, var)`` with the input's own statistics (flat, float32)."""
     x, cl = _canonical(x)
-    g = _geometry(x, G, K, pool_batch, cl)
-    mean, var = _reduce_stats(x, g, act)
-    y, rstd = _apply(x, w, b, mean, var, g, eps, act)
+    lp = plan_of(x, G, K, pool_batch, cl)
+    mean, var = _reduce_stats(x, lp, act)
+    y, rstd = _apply(x, w, b, mean, var, lp, eps, act)
     return y, mean, rstd, var
 
 
+@_on_device_of(0)
 def norm_apply(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -217,8 +289,7 @@ def norm_apply(
     """Eval forward: ``(y, rstd)``, y normalized with the given float32 ``mean`` and ``var`` (flat, one per
     statistic), ``rstd = 1 / sqrt(var + eps)``."""
     x, cl = _canonical(x)
-    g = _geometry(x, G, K, pool_batch, cl)
-    return _apply(x, w, b, mean, var, g, eps, act)
+    return _apply(x, w, b, mean, var, plan_of(x, G, K, pool_batch, cl), eps, act)
 
 
 def _grad_buffers(x, w, b, need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -229,6 +300,7 @@ def _grad_buffers(x, w, b, need_dx: bool) -> tuple[Optional[torch.Tensor], torch
     return (torch.empty_like(x) if need_dx else None), dw, db
 
 
+@_on_device_of(1)
 def norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -247,22 +319,19 @@ def norm_bwd(
     w's and b's dtype). ``use_input_stats``: mean and rstd were the input's own and carry gradient."""
     x, cl = _canonical(x)
     dy = _like(dy, cl)
-    g = _geometry(x, G, K, pool_batch, cl)
-    dev = x.device
-    block_c, block_r, warps = _blocks(g)
-    nrb, lim, T, bpp = _split(g, block_c, block_r, dev)
-    grid_c = triton.cdiv(g.C, block_c)
+    lp = plan_of(x, G, K, pool_batch, cl)
+    g, T, dev = lp.g, lp.T, x.device
     flags = dict(POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None)
     w_, b_ = _vec(w, mean), _vec(b, mean)
-    part = torch.empty((2, g.out, g.C, T), device=dev, dtype=torch.float32)
-    norm._grad_partial_kernel[(g.out * T, grid_c)](
-        dy, x, w_, b_, mean, rstd, part, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb, lim, T, g.out, bpp,
-        **act.args(), **flags, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    part = _scratch((2, g.out, g.C, T), dev)
+    norm._grad_partial_kernel[(g.out * T, lp.grid_c)](
+        dy, x, w_, b_, mean, rstd, part, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, lp.bpp,
+        **act.args(), **flags, **lp.fwd,
     )  # fmt: skip
-    q = torch.empty((2, g.out, g.C), device=dev, dtype=torch.float32)
+    q = _scratch((2, g.out, g.C), dev)
     dx, dw, db = _grad_buffers(x, w, b, need_dx)
     mb = TUNING.merge_block
-    norm._grad_merge_channels_kernel[(triton.cdiv(g.C, mb),)](
+    norm._grad_merge_channels_kernel[(_cdiv(g.C, mb),)](
         part, q, dw if w is not None else q, db if b is not None else q, g.C, T, g.out,
         HAS_W=w is not None, HAS_B=b is not None, BLOCK_C=mb, BLOCK_T=mb,
     )  # fmt: skip
@@ -270,14 +339,13 @@ def norm_bwd(
         return dx, dw, db
     coef = mean  # placeholder pointer: never read without the input's own statistics
     if use_input_stats:
-        coef = torch.empty((2, g.S), device=dev, dtype=torch.float32)
-        norm._grad_merge_stats_kernel[(triton.cdiv(g.S, mb),)](
+        coef = _scratch((2, g.S), dev)
+        norm._grad_merge_stats_kernel[(_cdiv(g.S, mb),)](
             q, w_, coef, g.S, g.G, g.K, 1.0 / g.m, HAS_W=w is not None, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)),
         )  # fmt: skip
-    norm._dx_kernel[(g.N * nrb, grid_c)](
-        dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, nrb,
-        **act.args(), **flags, USE_INPUT_STATS=use_input_stats,
-        BLOCK_C=block_c, BLOCK_R=block_r, num_warps=warps,
+    norm._dx_kernel[(g.N * lp.nrb, lp.grid_c)](
+        dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
+        **act.args(), **flags, USE_INPUT_STATS=use_input_stats, **lp.fwd,
     )  # fmt: skip
     return dx, dw, db
 
@@ -285,16 +353,36 @@ def norm_bwd(
 # Row path (per-sample statistics along contiguous rows of K values: layer norm).
 
 
-def _row_blocks(K: int) -> tuple[int, int, bool, int]:
-    """``(BLOCK_N, BLOCK_K, SINGLE, num_warps)``: whole rows in one tile when ``K`` fits ``TUNING.row_max``,
-    else chunks of ``TUNING.row_chunk`` columns; about ``TUNING.tile`` elements per tile."""
-    t = TUNING
+@dataclass(frozen=True)
+class _RowPlan:
+    """How the row kernels run over ``N`` rows of ``K`` values."""
+
+    block_n: int  # rows per tile
+    block_k: int  # columns per tile
+    single: bool  # whole rows in one tile (K <= BLOCK_K)
+    warps: int
+    bpp: int  # backward: row blocks per program
+    P: int  # backward: programs, each with its own row of partial sums of dw and db
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_row_plan(N: int, K: int, device: torch.device, t: Tuning) -> _RowPlan:
     single = _pow2(K) <= t.row_max
     block_k = _pow2(K) if single else _pow2(t.row_chunk)
     block_n = t.row_block_n or max(1, t.tile // block_k)
-    return block_n, block_k, single, min(16, max(4, block_n * block_k // 512))
+    n_blocks = _cdiv(N, block_n)
+    bpp = _cdiv(n_blocks, min(n_blocks, _target_programs(device, t)))
+    return _RowPlan(block_n, block_k, single, min(16, max(4, block_n * block_k // 512)), bpp, _cdiv(n_blocks, bpp))
 
 
+def row_plan_of(N: int, K: int, device: torch.device) -> _RowPlan:
+    """The row path's launch plan: whole rows in one tile when ``K`` fits ``TUNING.row_max``, else chunks of
+    ``TUNING.row_chunk`` columns; about ``TUNING.tile`` elements per tile. Computed once per (N, K, device,
+    ``TUNING``)."""
+    return _cached_row_plan(N, K, device, TUNING)
+
+
+@_on_device_of(0)
 def layer_fwd(
     x: torch.Tensor,
     w: Optional[torch.Tensor],
@@ -317,15 +405,16 @@ def layer_fwd(
     else:
         mean, var = stats
     rstd = torch.empty(N, device=x.device, dtype=torch.float32)
-    block_n, block_k, single, warps = _row_blocks(K)
-    norm._layer_fwd_kernel[(triton.cdiv(N, block_n),)](
+    rp = row_plan_of(N, K, x.device)
+    norm._layer_fwd_kernel[(_cdiv(N, rp.block_n),)](
         xc, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps, N, K,
         **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
-        SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     return y, mean, rstd, var
 
 
+@_on_device_of(1)
 def layer_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -344,23 +433,19 @@ def layer_bwd(
     partial sums of dw and db; a second kernel adds the ``P`` partials in index order (deterministic, no
     atomics)."""
     xc, dyc = x.contiguous(), dy.contiguous()
-    dev = x.device
-    block_n, block_k, single, warps = _row_blocks(K)
-    n_blocks = triton.cdiv(N, block_n)
-    target = _target_programs(dev)
-    bpp = triton.cdiv(n_blocks, min(n_blocks, target))
-    P = triton.cdiv(n_blocks, bpp)
-    part = torch.zeros((2, P, K), device=dev, dtype=torch.float32)
+    rp = row_plan_of(N, K, x.device)
+    P = rp.P
+    part = _scratch((2, P, K), x.device)
     dx, dw, db = _grad_buffers(xc, w, b, need_dx)
     w_, b_ = _vec(w, mean), _vec(b, mean)
     norm._layer_bwd_kernel[(P,)](
-        dyc, xc, xc if dx is None else dx, w_, b_, mean, rstd, part, N, K, bpp,
+        dyc, xc, xc if dx is None else dx, w_, b_, mean, rstd, part, N, K, rp.bpp,
         **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
-        NEED_DX=need_dx, SINGLE=single, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        NEED_DX=need_dx, SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     if w is not None or b is not None:
         mb = TUNING.merge_block
-        norm._layer_grad_merge_kernel[(triton.cdiv(K, 4 * mb),)](
+        norm._layer_grad_merge_kernel[(_cdiv(K, 4 * mb),)](
             part, dw if w is not None else part, db if b is not None else part, P, K,
             HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=4 * mb, BLOCK_P=mb,
         )  # fmt: skip

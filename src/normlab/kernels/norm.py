@@ -6,19 +6,19 @@ channels_last: ``(R*C, 1, C)``), with channel ``c`` in group ``g = c // K`` of t
 ``n * G + g`` per sample. Work is cut into tiles of ``BLOCK_C`` channels by ``BLOCK_R`` positions; a "row block" is
 one tile's worth of positions ``(n, rb)``, ``rb = r // BLOCK_R``. With ``OUT`` = 1 (pooled) or N (per sample), the
 math, in the code's names (``f`` the activation ``ACT``, leaky_relu with slope ``SLOPE``; ``a = x``, or ``f(x)``
-when the norm comes ``AFTER`` the activation)::
+with ``ACT_FIRST``: the activation comes first and the norm after it, ``placement="after"``)::
 
     forward   per tile t:    count_t, mean_t, m2_t of a - shift          (exact two-pass in registers; shift = one
                                                                            value of the statistic, read by all)
               per statistic:  mean, m2 = Chan-merge of its tiles in index order; mean += shift, var = m2 / count
               per element:    xhat = (a - mean) * rstd,  rstd = 1 / sqrt(var + eps) (stored once per statistic)
-                              z = xhat * w + b,  y = f(z) (before) or z
-    backward  per element:    dz = dy * f'(z) (before; z recomputed from x) or dy
+                              z = xhat * w + b,  y = f(z) (not ACT_FIRST) or z
+    backward  per element:    dz = dy * f'(z) (not ACT_FIRST; z recomputed) or dy
               per tile t:     sdz_t = Σ dz,  sdzx_t = Σ dz * xhat        (per channel)
               per channel:    db = Σ_t sdz_t,  dw = Σ_t sdzx_t            (fixed order)
               per statistic:  c1 = Σ_c w * sdz / m,  c2 = Σ_c w * sdzx / m
               per element:    da = rstd * (dz * w - c1 - xhat * c2)       (USE_INPUT_STATS; else rstd * dz * w)
-                              dx = da * f'(x) (after) or da
+                              dx = da * f'(x) (ACT_FIRST) or da
 
 All accumulation is float32. Every sum runs in a fixed order over a fixed tiling and no kernel uses atomics, so
 two runs give bit-identical results. The variance is never ``E[x^2] - E[x]^2``: each tile keeps its exact mean
@@ -111,17 +111,42 @@ def _stat_index(n, c, G, K, POOL_BATCH: tl.constexpr):
 
 
 @triton.jit
-def _shift(x_ptr, n, c, c_mask, K, s_n, s_c, ACT: tl.constexpr, SLOPE: tl.constexpr, AFTER: tl.constexpr):
+def _shift(x_ptr, n, c, c_mask, K, s_n, s_c, ACT: tl.constexpr, SLOPE: tl.constexpr, ACT_FIRST: tl.constexpr):
     """One value of each channel's statistic, ``a`` at (sample ``n``, first channel of the group, position 0).
     Tiles and the merge work with ``a - shift``: deviations small next to a large mean keep their precision when
     partial means are stored and merged in float32."""
     a = tl.load(x_ptr + n.to(tl.int64) * s_n + (c // K * K) * s_c, mask=c_mask, other=0.0).to(tl.float32)
-    if AFTER:
+    if ACT_FIRST:
         a = _act(a, ACT, SLOPE)
     return a
 
 
 @triton.jit
+def _tile_stats(a, mask, nb):
+    """Mean and sum of squared deviations ``m2`` along axis 1 of a tile ``a`` (0 outside ``mask``) holding ``nb``
+    values per row, by two passes in registers: the second corrects the rounding of the first mean."""
+    nb1 = tl.maximum(nb, 1.0)
+    mean_0 = tl.sum(a, axis=1) / nb1
+    d = tl.where(mask, a - mean_0[:, None], 0.0)
+    sd = tl.sum(d, axis=1)
+    return mean_0 + sd / nb1, tl.sum(d * d, axis=1) - sd * sd / nb1
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, nb, mean_b, m2_b):
+    """``(count, mean, m2)`` after merging a block of ``nb`` values with mean ``mean_b`` and ``m2_b`` into them
+    (Chan et al.): no difference of large sums, so no cancellation."""
+    total = count + nb
+    delta = mean_b - mean
+    t1 = tl.maximum(total, 1.0)
+    return total, mean + delta * (nb / t1), m2 + m2_b + delta * delta * (count * nb / t1)
+
+
+# Integer arguments that change with the batch size (positions of a folded batch, row blocks, tiles, output rows,
+# statistics, rows) are do_not_specialize: Triton otherwise keys its compiled variants on each integer being 1 or a
+# multiple of 16, and a new batch size (a smaller last batch) would recompile every kernel.
+
+@triton.jit(do_not_specialize=("R", "nrb", "lim", "T", "OUT", "BPP"))
 def _stats_partial_kernel(
     x_ptr,  # input, addressed (n, c, r) -> n * s_n + c * s_c + r * s_r
     part_ptr,  # out (3, OUT, C, T) float32: count, mean - shift, m2 of each (output row, channel, tile)
@@ -136,7 +161,7 @@ def _stats_partial_kernel(
     BPP,  # row blocks per tile
     ACT: tl.constexpr,  # activation name, None for none
     SLOPE: tl.constexpr,  # leaky_relu's negative slope
-    AFTER: tl.constexpr,  # the activation comes before the norm: statistics of f(x)
+    ACT_FIRST: tl.constexpr,  # the activation comes first, y = norm(f(x)) (placement="after"): statistics of f(x)
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_R: tl.constexpr,  # positions per row block
 ):
@@ -147,7 +172,7 @@ def _stats_partial_kernel(
     c_mask = c < C
     r = tl.arange(0, BLOCK_R)
     offs = c[:, None] * s_c + r[None, :] * s_r
-    shift = _shift(x_ptr, o, c, c_mask, K, s_n, s_c, ACT, SLOPE, AFTER)  # per sample, output row o is sample o
+    shift = _shift(x_ptr, o, c, c_mask, K, s_n, s_c, ACT, SLOPE, ACT_FIRST)  # per sample, output row o is sample o
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -157,21 +182,12 @@ def _stats_partial_kernel(
         mask = c_mask[:, None] & r_mask[None, :]
         base = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r
         a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if AFTER:
+        if ACT_FIRST:
             a = _act(a, ACT, SLOPE)
         a = tl.where(mask, a - shift[:, None], 0.0)
         nb = tl.sum(r_mask.to(tl.float32), axis=0)
-        nb1 = tl.maximum(nb, 1.0)
-        mean_0 = tl.sum(a, axis=1) / nb1  # first pass; the second corrects its rounding
-        d = tl.where(mask, a - mean_0[:, None], 0.0)
-        sd = tl.sum(d, axis=1)
-        mean_b = mean_0 + sd / nb1
-        m2_b = tl.sum(d * d, axis=1) - sd * sd / nb1
-        total = count + nb
-        delta = mean_b - mean
-        mean = mean + delta * (nb / tl.maximum(total, 1.0))
-        m2 = m2 + m2_b + delta * delta * (count * nb / tl.maximum(total, 1.0))
-        count = total
+        mean_b, m2_b = _tile_stats(a, mask, nb)
+        count, mean, m2 = _chan_merge(count, mean, m2, nb, mean_b, m2_b)
     plane = OUT * C * T
     p = part_ptr + (o * C + c) * T + t
     tl.store(p, count, mask=c_mask)
@@ -179,7 +195,7 @@ def _stats_partial_kernel(
     tl.store(p + 2 * plane, m2, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "J"))
 def _stats_merge_kernel(
     part_ptr,  # (3, S, J) float32: count, mean - shift, m2 of the J = K * T tiles of each statistic
     x_ptr,  # input, to read each statistic's shift as _stats_partial_kernel did
@@ -191,7 +207,7 @@ def _stats_merge_kernel(
     s_n, s_c,  # strides of x
     ACT: tl.constexpr,  # as in _stats_partial_kernel
     SLOPE: tl.constexpr,
-    AFTER: tl.constexpr,
+    ACT_FIRST: tl.constexpr,
     POOL_BATCH: tl.constexpr,  # one statistic per group over the whole batch (s = g) instead of per sample
     BLOCK_S: tl.constexpr,  # statistics per program
     BLOCK_J: tl.constexpr,  # tiles merged per step
@@ -204,7 +220,7 @@ def _stats_merge_kernel(
         n = s * 0
     else:
         n = s // G
-    shift = _shift(x_ptr, n, (s % G) * K, s_mask, K, s_n, s_c, ACT, SLOPE, AFTER)
+    shift = _shift(x_ptr, n, (s % G) * K, s_mask, K, s_n, s_c, ACT, SLOPE, ACT_FIRST)
     count = tl.zeros([BLOCK_S], dtype=tl.float32)
     mean = tl.zeros([BLOCK_S], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -218,13 +234,9 @@ def _stats_merge_kernel(
         mean_b = tl.sum(n_i * mu_i, axis=1) / tl.maximum(nb, 1.0)
         dev = tl.where(mask, mu_i - mean_b[:, None], 0.0)
         m2_b = tl.sum(m2_i + n_i * dev * dev, axis=1)
-        total = count + nb
-        delta = mean_b - mean
-        mean = mean + delta * (nb / tl.maximum(total, 1.0))
-        m2 = m2 + m2_b + delta * delta * (count * nb / tl.maximum(total, 1.0))
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, nb, mean_b, m2_b)
     tl.store(mean_ptr + s, shift + mean, mask=s_mask)
-    tl.store(var_ptr + s, m2 / tl.maximum(count, 1.0), mask=s_mask)
+    tl.store(var_ptr + s, tl.maximum(m2, 0.0) / tl.maximum(count, 1.0), mask=s_mask)  # m2 < 0: rounding
 
 
 @triton.jit
@@ -245,7 +257,7 @@ def _elementwise_tile(C, R, G, K, s_n, s_c, s_r, nrb, POOL_BATCH: tl.constexpr, 
     return c, c_mask, _stat_index(n, c, G, K, POOL_BATCH), offs, c_mask[:, None] & (r < valid)[None, :], first
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R", "nrb"))
 def _apply_kernel(
     x_ptr,  # input, addressed as in _stats_partial_kernel
     y_ptr,  # out, same strides as x
@@ -260,7 +272,7 @@ def _apply_kernel(
     nrb,  # row blocks per sample
     ACT: tl.constexpr,  # activation name, None for none
     SLOPE: tl.constexpr,  # leaky_relu's negative slope
-    AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
+    ACT_FIRST: tl.constexpr,  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
     POOL_BATCH: tl.constexpr,  # statistics pooled over the batch instead of per sample
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -276,15 +288,15 @@ def _apply_kernel(
     w, b = _load_affine(w_ptr, b_ptr, c, c_mask, HAS_W, HAS_B)
     scale = rstd * w
     a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if AFTER:
+    if ACT_FIRST:
         a = _act(a, ACT, SLOPE)
     z = (a - mean[:, None]) * scale[:, None] + b[:, None]
-    if not AFTER:
+    if not ACT_FIRST:
         z = _act(z, ACT, SLOPE)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("R", "nrb", "lim", "T", "OUT", "BPP"))
 def _grad_partial_kernel(
     dy_ptr,  # gradient of y, same strides as x
     x_ptr,  # input
@@ -298,7 +310,7 @@ def _grad_partial_kernel(
     nrb, lim, T, OUT, BPP,  # as in _stats_partial_kernel
     ACT: tl.constexpr,  # as in _apply_kernel
     SLOPE: tl.constexpr,
-    AFTER: tl.constexpr,
+    ACT_FIRST: tl.constexpr,
     POOL_BATCH: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -324,10 +336,10 @@ def _grad_partial_kernel(
         base = n.to(tl.int64) * s_n + r0.to(tl.int64) * s_r
         a = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         dz = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        if AFTER:
+        if ACT_FIRST:
             a = _act(a, ACT, SLOPE)
         xhat = (a - mean[:, None]) * rstd[:, None]
-        if not AFTER:
+        if not ACT_FIRST:
             dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT, SLOPE)
         xhat = tl.where(mask, xhat, 0.0)
         sdz += tl.sum(dz, axis=1)
@@ -338,7 +350,7 @@ def _grad_partial_kernel(
     tl.store(p + plane, sdzx, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("T", "OUT"))
 def _grad_merge_channels_kernel(
     part_ptr,  # (2, OUT, C, T) float32 from _grad_partial_kernel
     q_ptr,  # out (2, OUT, C) float32: the tiles' sums per (output row, channel)
@@ -374,7 +386,7 @@ def _grad_merge_channels_kernel(
         tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S",))
 def _grad_merge_stats_kernel(
     q_ptr,  # (2, S, K) float32 from _grad_merge_channels_kernel, S = OUT * G
     w_ptr,  # (G * K,) weight; unused without HAS_W
@@ -402,7 +414,7 @@ def _grad_merge_stats_kernel(
     tl.store(c_ptr + S + s, c2 * inv_m, mask=s_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "R", "nrb"))
 def _dx_kernel(
     dy_ptr,  # gradient of y, same strides as x
     x_ptr,  # input
@@ -418,7 +430,7 @@ def _dx_kernel(
     nrb,
     ACT: tl.constexpr,  # as in _apply_kernel
     SLOPE: tl.constexpr,
-    AFTER: tl.constexpr,
+    ACT_FIRST: tl.constexpr,
     POOL_BATCH: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -433,10 +445,10 @@ def _dx_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = x
-    if AFTER:
+    if ACT_FIRST:
         a = _act(x, ACT, SLOPE)
     xhat = (a - mean[:, None]) * rstd[:, None]
-    if not AFTER:
+    if not ACT_FIRST:
         dz = dz * _act_grad(xhat * w[:, None] + b[:, None], ACT, SLOPE)
     if USE_INPUT_STATS:
         c1 = tl.load(c_ptr + s, mask=c_mask, other=0.0)
@@ -444,7 +456,7 @@ def _dx_kernel(
         da = (dz * w[:, None] - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
     else:
         da = dz * (w * rstd)[:, None]
-    if AFTER:
+    if ACT_FIRST:
         da = da * _act_grad(x, ACT, SLOPE)
     tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -456,15 +468,15 @@ def _dx_kernel(
 #
 #     forward   per row:      mean, var of a (two-pass in registers; chunks: Chan-merge around shift = a[n, 0]),
 #                             rstd = 1 / sqrt(var + eps)
-#               per element:  xhat = (a - mean) * rstd,  z = xhat * w + b,  y = f(z) (before) or z
-#     backward  per element:  dz = dy * f'(z) (before) or dy,  g = dz * w
+#               per element:  xhat = (a - mean) * rstd,  z = xhat * w + b,  y = f(z) (not ACT_FIRST) or z
+#     backward  per element:  dz = dy * f'(z) (not ACT_FIRST) or dy,  g = dz * w
 #               per row:      c1 = Σ_k g / K,  c2 = Σ_k g * xhat / K
-#               per element:  dx = rstd * (g - c1 - xhat * c2) (USE_INPUT_STATS; else rstd * g), * f'(x) (after)
+#               per element:  dx = rstd * (g - c1 - xhat * c2) (USE_INPUT_STATS; else rstd * g), * f'(x) (ACT_FIRST)
 #               per column:   dw = Σ_n dz * xhat,  db = Σ_n dz: per program over its rows, then summed over the
 #                             programs in index order by _layer_grad_merge_kernel (no atomics)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N",))
 def _layer_fwd_kernel(
     x_ptr,  # input (N, K), rows contiguous
     y_ptr,  # out (N, K), same layout
@@ -478,7 +490,7 @@ def _layer_fwd_kernel(
     K,  # row length (values per statistic)
     ACT: tl.constexpr,  # activation name, None for none
     SLOPE: tl.constexpr,  # leaky_relu's negative slope
-    AFTER: tl.constexpr,  # activation before the norm (y = norm(f(x))) instead of after (y = f(norm(x)))
+    ACT_FIRST: tl.constexpr,  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
     HAS_W: tl.constexpr,  # w is given
     HAS_B: tl.constexpr,  # b is given
     USE_INPUT_STATS: tl.constexpr,  # normalize with the rows' own statistics, else with mean_ptr, var_ptr (eval)
@@ -497,7 +509,7 @@ def _layer_fwd_kernel(
     if SINGLE:
         mask = n_mask[:, None] & (k < K)[None, :]
         a = tl.load(x_ptr + base + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        if AFTER:
+        if ACT_FIRST:
             a = _act(a, ACT, SLOPE)
         if USE_INPUT_STATS:
             a = tl.where(mask, a, 0.0)
@@ -509,13 +521,13 @@ def _layer_fwd_kernel(
         rstd = 1.0 / tl.sqrt(var + eps)
         w, b = _load_affine(w_ptr, b_ptr, k, k < K, HAS_W, HAS_B)
         z = (a - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
-        if not AFTER:
+        if not ACT_FIRST:
             z = _act(z, ACT, SLOPE)
         tl.store(y_ptr + base + k[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         if USE_INPUT_STATS:
             shift = tl.load(x_ptr + row0, mask=n_mask, other=0.0).to(tl.float32)
-            if AFTER:
+            if ACT_FIRST:
                 shift = _act(shift, ACT, SLOPE)
             count = tl.zeros([BLOCK_N], dtype=tl.float32)
             mean = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -524,20 +536,12 @@ def _layer_fwd_kernel(
                 kk = k0 + k
                 mask = n_mask[:, None] & (kk < K)[None, :]
                 a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-                if AFTER:
+                if ACT_FIRST:
                     a = _act(a, ACT, SLOPE)
                 a = tl.where(mask, a - shift[:, None], 0.0)
                 nb = tl.minimum(K - k0, BLOCK_K).to(tl.float32)
-                mean_0 = tl.sum(a, axis=1) / nb
-                d = tl.where(mask, a - mean_0[:, None], 0.0)
-                sd = tl.sum(d, axis=1)
-                mean_b = mean_0 + sd / nb
-                m2_b = tl.sum(d * d, axis=1) - sd * sd / nb
-                total = count + nb
-                delta = mean_b - mean
-                mean = mean + delta * (nb / total)
-                m2 = m2 + m2_b + delta * delta * (count * nb / total)
-                count = total
+                mean_b, m2_b = _tile_stats(a, mask, nb)
+                count, mean, m2 = _chan_merge(count, mean, m2, nb, mean_b, m2_b)
             mean = shift + mean
             var = tl.maximum(m2, 0.0) / K
         rstd = 1.0 / tl.sqrt(var + eps)
@@ -546,14 +550,14 @@ def _layer_fwd_kernel(
             k_mask = kk < K
             mask = n_mask[:, None] & k_mask[None, :]
             a = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-            if AFTER:
+            if ACT_FIRST:
                 a = _act(a, ACT, SLOPE)
             z = (a - mean[:, None]) * rstd[:, None]
             if HAS_W:
                 z = z * tl.load(w_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_B:
                 z = z + tl.load(b_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            if not AFTER:
+            if not ACT_FIRST:
                 z = _act(z, ACT, SLOPE)
             tl.store(y_ptr + base + kk[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
     if USE_INPUT_STATS:
@@ -563,20 +567,20 @@ def _layer_fwd_kernel(
 
 
 @triton.jit
-def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, SLOPE: tl.constexpr, AFTER: tl.constexpr):
+def _layer_dz(x, dy, mean, rstd, w, b, mask, ACT: tl.constexpr, SLOPE: tl.constexpr, ACT_FIRST: tl.constexpr):
     """``(xhat, dz)`` of a (rows, columns) tile, both 0 outside ``mask``; ``dz = dy * f'(z)`` with ``z = xhat * w + b``
-    recomputed ("before"), else ``dy``."""
+    recomputed (not ``ACT_FIRST``), else ``dy``."""
     a = x
-    if AFTER:
+    if ACT_FIRST:
         a = _act(x, ACT, SLOPE)
     xhat = tl.where(mask, (a - mean[:, None]) * rstd[:, None], 0.0)
     dz = dy
-    if not AFTER:
+    if not ACT_FIRST:
         dz = dy * _act_grad(xhat * w[None, :] + b[None, :], ACT, SLOPE)
     return xhat, tl.where(mask, dz, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("N", "BPP"))
 def _layer_bwd_kernel(
     dy_ptr,  # gradient of y, (N, K) rows contiguous
     x_ptr,  # input, same layout
@@ -585,13 +589,13 @@ def _layer_bwd_kernel(
     b_ptr,  # (K,) bias; unused without HAS_B
     mean_ptr,  # (N,) float32 statistics used by the forward
     rstd_ptr,  # (N,) float32
-    part_ptr,  # out (2, P, K) float32, zeroed: Σ dz * xhat and Σ dz over each program's rows
+    part_ptr,  # out (2, P, K) float32: Σ dz * xhat and Σ dz over each program's rows (written, not added to)
     N,  # rows
     K,  # row length
     BPP,  # row blocks (of BLOCK_N rows) per program; program p owns blocks p * BPP ... p * BPP + BPP - 1
     ACT: tl.constexpr,  # activation name, None for none
     SLOPE: tl.constexpr,  # leaky_relu's negative slope
-    AFTER: tl.constexpr,  # activation before the norm
+    ACT_FIRST: tl.constexpr,  # the activation comes first, y = norm(f(x)) (placement="after")
     HAS_W: tl.constexpr,  # w is given
     HAS_B: tl.constexpr,  # b is given
     USE_INPUT_STATS: tl.constexpr,  # the statistics were the rows' own and carry gradient
@@ -617,7 +621,7 @@ def _layer_bwd_kernel(
             rstd = tl.load(rstd_ptr + rows, mask=n_mask, other=0.0)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
+            xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, ACT_FIRST)
             db += tl.sum(dz, axis=0)
             dw += tl.sum(dz * xhat, axis=0)
             if NEED_DX:
@@ -628,7 +632,7 @@ def _layer_bwd_kernel(
                     da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
                 else:
                     da = g * rstd[:, None]
-                if AFTER:
+                if ACT_FIRST:
                     da = da * _act_grad(x, ACT, SLOPE)
                 tl.store(dx_ptr + offs, da.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + pid * K + k, dw, mask=k_mask)
@@ -650,7 +654,7 @@ def _layer_bwd_kernel(
                     w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                     x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                     dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-                    xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
+                    xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, ACT_FIRST)
                     g = dz * w[None, :]
                     c1 += tl.sum(g, axis=1)
                     c2 += tl.sum(g * xhat, axis=1)
@@ -663,20 +667,21 @@ def _layer_bwd_kernel(
                 w, b = _load_affine(w_ptr, b_ptr, kk, k_mask, HAS_W, HAS_B)
                 x = tl.load(x_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + base + kk[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, AFTER)
+                xhat, dz = _layer_dz(x, dy, mean, rstd, w, b, mask, ACT, SLOPE, ACT_FIRST)
                 if NEED_DX:
                     g = dz * w[None, :]
                     da = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-                    if AFTER:
+                    if ACT_FIRST:
                         da = da * _act_grad(x, ACT, SLOPE)
                     tl.store(dx_ptr + base + kk[None, :], da.to(dx_ptr.dtype.element_ty), mask=mask)
                 p_dw = part_ptr + pid * K + kk  # this program's own row of the partials: no other program writes it
-                tl.store(p_dw, tl.load(p_dw, mask=k_mask, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
+                acc = k_mask & (i > 0)  # the first row block writes the row, the next ones add to it: no zeroing
+                tl.store(p_dw, tl.load(p_dw, mask=acc, other=0.0) + tl.sum(dz * xhat, axis=0), mask=k_mask)
                 p_db = p_dw + plane
-                tl.store(p_db, tl.load(p_db, mask=k_mask, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
+                tl.store(p_db, tl.load(p_db, mask=acc, other=0.0) + tl.sum(dz, axis=0), mask=k_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("P",))
 def _layer_grad_merge_kernel(
     part_ptr,  # (2, P, K) float32 from _layer_bwd_kernel
     dw_ptr,  # out (K,) in w's dtype; unused without HAS_W
