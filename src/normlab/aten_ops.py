@@ -55,9 +55,10 @@ EVAL_MAX = 1 << 18
 
 
 def supports(x: torch.Tensor, call: Call, stats=None, running: Running | None = None) -> bool:
-    """Whether this path normalizes ``x``: a dense float32/float64 CPU tensor with values; given statistics and
-    running buffers (if any) CPU tensors of its dtype; running buffers only for batch norm (instance norm's would
-    average per-sample shifts), nor channels_last (whose output ATen's would not keep channels_last)."""
+    """Whether this path normalizes ``x``: a dense float32/float64 CPU tensor with values, whose given statistics
+    and running buffers (if any) are CPU tensors of its dtype. Not instance norm of a channels_last input (ATen's
+    output would not stay channels_last), and running buffers only for batch norm (instance norm's would take the
+    average of per-sample shifted means)."""
     if not (x.is_cpu and x.dtype in (torch.float32, torch.float64) and x.layout == torch.strided and x.numel() > 0):
         return False
     if call.plan.kind == "instance" and is_channels_last(x):
@@ -143,14 +144,14 @@ def _batch(a: torch.Tensor, shift: torch.Tensor, w, b, call: Call, running: Runn
         return torch.batch_norm(a - shift, w, b, None, None, True, 0.0, call.eps, False)
     nbt = running.num_batches_tracked
     factor = running.momentum
-    if factor is None:                                                    # the cumulative average
-        if nbt is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    if factor is None:  # the cumulative average (normlab.functional.batch_norm checks that nbt is given)
         factor = 1.0 / (int(nbt) + 1)
     s = shift.reshape(-1)                                                 # (C,)
     mean_s, var = running.mean - s, running.var.clone()                   # ATen updates these copies
     z = torch.batch_norm(a - shift, w, b, mean_s, var, True, factor, call.eps, False)
-    if math.isfinite(var.sum().item()):                                   # nothing here requires grad
+    # one number read on the host (free on the CPU); summed in float64 so that large finite variances cannot
+    # overflow the check. Nothing here requires grad.
+    if math.isfinite(var.sum(dtype=torch.float64).item()):
         torch.add(mean_s, s, out=running.mean)
         running.var.copy_(var)
         if nbt is not None:
