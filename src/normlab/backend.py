@@ -3,9 +3,9 @@
 ``NORMLAB_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
 - ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case;
-  for float32/float64 CPU tensors, ATen's own kernels on shifted input (:mod:`normlab.aten_ops`) where the input
-  is small enough that per-call Python would dominate, else the numba loops when numba imports; the torch path
-  otherwise;
+  for float32/float64 CPU tensors, ATen's own kernels on shifted input (:mod:`normlab.aten_ops`) where
+  ``benchmarks/crossover.py`` measured them faster (:func:`normlab.aten_ops.pays`: small inputs, layer norm's
+  training steps, short planes), else the numba loops when numba imports; the torch path otherwise;
 - ``aten``: ATen's kernels on shifted input wherever :mod:`normlab.aten_ops` supports the case (elsewhere, as
   ``auto``);
 - ``torch``: always the torch path (:mod:`normlab.torch_ops`);
