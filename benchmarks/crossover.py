@@ -1,12 +1,13 @@
-"""Where ATen's kernels on shifted input beat the numba loops on the CPU, the table behind ``normlab.aten_ops.pays``.
+"""Where one CPU path beats another, the tables behind ``normlab.native.pays`` and ``normlab.aten_ops.pays``.
 
 One training step (forward + backward) or eval forward (under ``no_grad``; for layer and group norm, which have no
-running statistics, the forward with the input's own statistics) through ``normlab.functional`` with
-``NORMLAB_BACKEND=aten`` and ``=numba`` interleaved, over input sizes from 4K to 4M values and, for the kinds with
-spatial dims, over the spatial extent R (the numba loops' row length); each cell is the ratio of the two minimum
-thread CPU times (the minimum, and CPU rather than wall time, are robust to other load on the machine).
+running statistics, the forward with the input's own statistics) through ``normlab.functional`` with two values of
+``NORMLAB_BACKEND`` interleaved (``--paths A,B``, default ``native,numba``), over input sizes from 4K to 4M values
+and, for the kinds with spatial dims, over the spatial extent R; each cell is the ratio A / B of the two minimum
+times (thread CPU time with one thread, robust to other load on the machine; wall time with more, as the other
+threads' work counts there).
 
-    python benchmarks/crossover.py [--threads 1] [--quick]
+    python benchmarks/crossover.py [--paths native,numba] [--threads 1] [--quick]
 """
 
 from __future__ import annotations
@@ -47,19 +48,20 @@ CASES = [
 
 
 def _min_time(fns: dict, reps: int) -> dict:
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     for f in fns.values():
         for _ in range(3):
             f()
     best = {k: float("inf") for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.thread_time()
+            t = clock()
             f()
-            best[k] = min(best[k], time.thread_time() - t)
+            best[k] = min(best[k], clock() - t)
     return best
 
 
-def _cell(norm, shape, c, mode, reps) -> str:
+def _cell(norm, shape, c, mode, reps, paths) -> str:
     x = torch.randn(shape, requires_grad=(mode == "train"))
     dy = torch.randn(shape)
     w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
@@ -73,15 +75,18 @@ def _cell(norm, shape, c, mode, reps) -> str:
             with torch.no_grad():
                 norm(x, w, b, rm, rv, False)
 
-    t = _min_time({"aten": lambda: run("aten"), "numba": lambda: run("numba")}, reps)
-    return f"{t['aten'] / t['numba']:.2f}"
+    first, second = paths
+    t = _min_time({first: lambda: run(first), second: lambda: run(second)}, reps)
+    return f"{t[first] / t[second]:.2f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--paths", default="native,numba", help="two NORMLAB_BACKEND values A,B; cells are A / B")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="two sizes, few repeats, few rows: a check that it runs")
     args = ap.parse_args()
+    paths = tuple(args.paths.split(","))
     torch.set_num_threads(args.threads)
     sizes = [1 << 12, 1 << 16] if args.quick else [1 << k for k in range(12, 23, 2)]
     cases = CASES[:2] if args.quick else CASES
@@ -94,10 +99,10 @@ def main() -> None:
                 per_sample = c * (1 if spatial is None else spatial[0] * spatial[1])
                 shape = (max(n // per_sample, 2), c, *(spatial or ()))
                 reps = 3 if args.quick else max(5, min(200, (1 << 24) // (shape[0] * per_sample)))
-                cells.append(_cell(norm, shape, c, mode, reps))
+                cells.append(_cell(norm, shape, c, mode, reps, paths))
             print(f"| {label} | {mode} | {' | '.join(cells)} |", flush=True)
-    print("\nCells: time with ATen's kernels on shifted input / time with the numba loops (< 1: ATen's is faster). "
-          "Columns: values in the input (N = values / (C x spatial), at least 2).")
+    print(f"\nCells: time with NORMLAB_BACKEND={paths[0]} / time with {paths[1]} (< 1: {paths[0]} is faster), "
+          f"{args.threads} thread(s). Columns: values in the input (N = values / (C x spatial), at least 2).")
 
 
 if __name__ == "__main__":

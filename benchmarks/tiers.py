@@ -4,8 +4,9 @@ For ``BatchNorm1d(100)`` on a (60, 100) batch (the MNIST network's shape), one t
 microseconds (thread CPU time, so that other load on the machine counts less) of:
 
 - torch.nn's whole step, and ATen's ``batch_norm`` step called directly (no module: the floor);
-- normlab.nn's whole step as ``NORMLAB_BACKEND=auto`` runs it (ATen's kernels on shifted input, at this size),
-  the same path's ``normlab.aten_ops.norm`` step called directly (no module, no functional checks);
+- normlab.nn's whole step as ``NORMLAB_BACKEND=auto`` runs it (the native kernels, at this size), the same path's
+  ``normlab.native.norm`` step called directly (no module, no functional checks);
+- the same two for ATen's kernels on shifted input (``NORMLAB_BACKEND=aten``, the path where native is not built);
 - normlab.nn's step on the numba loops (``NORMLAB_BACKEND=numba``), the loops' forward (with the running update) and
   backward called directly, and that step with the loops stubbed out (module, functional, autograd Function and
   engine alone).
@@ -24,7 +25,7 @@ import types
 import torch
 
 import normlab.nn as nl
-from normlab import aten_ops, backend, numba_ops, spec
+from normlab import aten_ops, backend, native, numba_ops, spec
 
 
 def _median_us(fn, steps: int, env: str = "auto") -> float:
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if not native.available():
+        raise SystemExit("the native kernels could not be built (see the warning above)")
     x, dy = torch.randn(60, 100), torch.randn(60, 100)
     xr = x.clone().requires_grad_()
     ours, theirs = nl.BatchNorm1d(100), torch.nn.BatchNorm1d(100)
@@ -59,7 +62,10 @@ def main() -> None:
         "torch.nn step": _median_us(lambda: theirs(xr).backward(dy), s),
         "ATen batch_norm step (no module)": _median_us(
             lambda: torch.batch_norm(xr, wr, br, rm, rv, True, 0.1, 1e-5, False).backward(dy), s),
-        "normlab.nn step (auto: ATen, shifted)": _median_us(lambda: ours(xr).backward(dy), s),
+        "normlab.nn step (auto: native)": _median_us(lambda: ours(xr).backward(dy), s),
+        "native.norm step (no module)": _median_us(
+            lambda: native.norm(xr, wr, br, call, None, running).backward(dy), s),
+        "normlab.nn step (ATen, shifted)": _median_us(lambda: ours(xr).backward(dy), s, "aten"),
         "aten_ops.norm step (no module)": _median_us(
             lambda: aten_ops.norm(xr, wr, br, call, None, running).backward(dy), s),
         "normlab.nn step (numba)": _median_us(lambda: ours(xr).backward(dy), s, "numba"),

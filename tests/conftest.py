@@ -80,7 +80,7 @@ def _seed():
 # The CPU backends every functional test runs on: the torch path, the numba loops, the numba loops cut into
 # many tasks (a task of 64 values), so that small shapes also cross task boundaries and merges, and ATen's kernels on
 # shifted input (what auto runs for small inputs).
-CPU_BACKENDS = ["torch", "numba", "numba-tasks", "aten"]
+CPU_BACKENDS = ["torch", "numba", "numba-tasks", "aten", "native"]
 
 
 @pytest.fixture(params=CPU_BACKENDS)

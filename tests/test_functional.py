@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as TF
 
 import normlab.functional as F
-from normlab import aten_ops, backend, numba_ops, reference, spec, torch_ops
+from normlab import aten_ops, backend, native, numba_ops, reference, spec, torch_ops
 from normlab.spec import plan
 from tests.conftest import ACT_PLACEMENTS, CPU_BACKENDS, SHAPES, assert_close, channels_last
 
@@ -204,25 +204,35 @@ def test_bad_arguments(call, err, match):
 def test_backend_choice(monkeypatch):
     x = torch.randn(2, 3)
     p = plan("batch", x.shape)
-    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
-    assert backend.select(x, p) is torch_ops
-    monkeypatch.setenv("NORMLAB_BACKEND", "auto")
-    assert backend.select(x, p) is numba_ops  # float32/float64 CPU tensors take the numba loops under auto
     call = spec.call("batch", x.shape, 1e-5)
-    assert backend.aten(x, call)  # ... unless ATen's kernels, shifted, are the faster: small inputs
+    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
+    assert backend.select(x, p) is torch_ops and backend.graph_path(x, None, None, call) is None
+    monkeypatch.setenv("NORMLAB_BACKEND", "auto")
+    assert backend.select(x, p) is numba_ops  # the backend module of float32/float64 CPU tensors (torch.compile's)
     big = torch.empty(2, aten_ops.SMALL)
-    assert not backend.aten(big, spec.call("batch", big.shape, 1e-5))  # (N, C): the loops' rows of channels
+    big_call = spec.call("batch", big.shape, 1e-5)
+    if native.available():  # eager: the native kernels, whatever the size
+        assert backend.graph_path(x, None, None, call) is native
+        assert backend.graph_path(big, None, None, big_call) is native
+    assert backend.graph_path(x.bfloat16(), None, None, call) is None  # half precision: the torch path
+    assert backend.graph_path(x, torch.ones(3, dtype=torch.float64), None, call) is not native  # mixed dtypes
+    # without the native kernels: ATen's kernels on shifted input where they were measured faster than the loops
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert backend.graph_path(x, None, None, call) is aten_ops  # small inputs
+    assert backend.graph_path(big, None, None, big_call) is None  # (N, C): the loops' rows of channels
     planes = torch.empty(8, 64, 16, 16)  # more than SMALL values
-    assert backend.aten(planes, spec.call("batch", planes.shape, 1e-5))  # short planes: ATen's
-    assert not backend.aten(channels_last(planes), spec.call("batch", planes.shape, 1e-5))
+    assert backend.graph_path(planes, None, None, spec.call("batch", planes.shape, 1e-5)) is aten_ops  # short planes
+    assert backend.graph_path(channels_last(planes), None, None, spec.call("batch", planes.shape, 1e-5)) is None
     layer = spec.call("layer", big.shape, 1e-5, normalized_ndim=1)
-    assert backend.aten(big, layer) and not backend.aten(big, layer, grad=False)  # layer norm: training steps
-    assert not backend.aten(x.bfloat16(), call)
+    assert backend.graph_path(big, None, None, layer) is aten_ops  # layer norm: training steps ...
+    assert backend.graph_path(big, None, None, layer, grad=False) is None  # ... not a forward alone
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
-    assert not backend.aten(x, call)
+    assert backend.graph_path(x, None, None, call) is None
     monkeypatch.setenv("NORMLAB_BACKEND", "aten")
-    assert backend.aten(big, spec.call("batch", big.shape, 1e-5))  # forced: whatever the size
+    assert backend.graph_path(big, None, None, big_call) is aten_ops  # forced: whatever the size
     assert backend.select(x, p) is numba_ops  # what the ATen path does not take runs as under auto
+    monkeypatch.setenv("NORMLAB_BACKEND", "native")
+    assert backend.graph_path(x, None, None, call) is native  # forced (its norm raises when it is not built)
     assert backend.select(x.bfloat16(), p) is torch_ops  # half precision: the torch path
     assert backend.select(x[:0], p) is torch_ops  # an empty batch: the torch path
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")

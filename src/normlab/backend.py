@@ -3,18 +3,24 @@
 ``NORMLAB_BACKEND`` (read at every call, so tests and users can switch it at run time):
 
 - ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case;
-  for float32/float64 CPU tensors, ATen's own kernels on shifted input (:mod:`normlab.aten_ops`) where
-  ``benchmarks/crossover.py`` measured them faster (:func:`normlab.aten_ops.pays`: small inputs, layer norm's
-  training steps, short planes), else the numba loops when numba imports; the torch path otherwise;
+  for float32/float64 CPU tensors the native C++ kernels (:mod:`normlab.native`; faster than the numba loops on
+  every case ``benchmarks/crossover.py`` measures), or, where they cannot be built (no C++ compiler), ATen's own
+  kernels on shifted input (:mod:`normlab.aten_ops`) where that benchmark measured them faster than the numba
+  loops (:func:`normlab.aten_ops.pays`) and the numba loops elsewhere; the torch path otherwise (half precision on
+  the CPU, an empty batch);
+- ``native``: the native kernels wherever :mod:`normlab.native` supports the case (raises if they cannot be built;
+  elsewhere, as ``auto``);
 - ``aten``: ATen's kernels on shifted input wherever :mod:`normlab.aten_ops` supports the case (elsewhere, as
-  ``auto``);
+  ``auto`` without the native kernels);
 - ``torch``: always the torch path (:mod:`normlab.torch_ops`);
 - ``numba``: always the numba loops (:mod:`normlab.numba_ops`);
 - ``triton``: always the kernels, on any device (CPU tensors run under ``TRITON_INTERPRET=1``).
 
 A forced choice that cannot handle the case raises instead of silently falling back. Every backend module has
 ``forward``, ``backward``, ``update_running_stats`` and ``supports`` with the contract in :mod:`normlab.torch_ops`;
-:mod:`normlab.aten_ops` is no such module: it is differentiated by autograd, so :func:`aten` is asked first.
+:mod:`normlab.native` and :mod:`normlab.aten_ops` are no such modules: autograd differentiates them through C++
+nodes, so :func:`graph_path` is asked first. Under ``torch.compile`` the norms are custom ops that run
+:func:`select`'s backend.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from types import ModuleType
 
 import torch
 
-from normlab import aten_ops, torch_ops
+from normlab import aten_ops, native, torch_ops
 from normlab.spec import Call, Plan, Running
 
-CHOICES = ("auto", "torch", "numba", "triton", "aten")
+CHOICES = ("auto", "torch", "numba", "triton", "aten", "native")
 _MODULES = {"numba": ("normlab.numba_ops", "numba"), "triton": ("normlab.kernels", "triton")}
 
 
@@ -54,13 +60,20 @@ def choice() -> str:
     return _parse(os.environ.get("NORMLAB_BACKEND", "auto"))
 
 
-def aten(x: torch.Tensor, call: Call, stats=None, running: Running | None = None, grad: bool = True) -> bool:
-    """Whether ATen's kernels on shifted input (:mod:`normlab.aten_ops`) normalize ``x`` for this call (``grad``: a
-    gradient is wanted, a training step rather than a forward alone)."""
+def graph_path(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None,
+               grad: bool = True) -> ModuleType | None:
+    """The path autograd differentiates through C++ nodes that normalizes ``x`` for this call, if one does: the
+    native kernels (:mod:`normlab.native`) or ATen's kernels on shifted input (:mod:`normlab.aten_ops`), each with
+    ``norm(x, w, b, call, stats, running)``; None for the backends of :func:`select` (``grad``: a gradient is
+    wanted, a training step rather than a forward alone)."""
     want = choice()
-    if want not in ("auto", "aten") or not aten_ops.supports(x, call, stats, running):
-        return False
-    return want == "aten" or aten_ops.pays(x, call, grad)
+    if want in ("auto", "native") and native.supports(x, call, w, b, stats, running):
+        if want == "native" or native.available():  # forced but not built: its norm raises, naming why
+            return native
+    if want in ("auto", "aten") and aten_ops.supports(x, call, stats, running):
+        if want == "aten" or aten_ops.pays(x, call, grad):
+            return aten_ops
+    return None
 
 
 def select(x: torch.Tensor, p: Plan) -> ModuleType:
@@ -68,7 +81,7 @@ def select(x: torch.Tensor, p: Plan) -> ModuleType:
     want = choice()
     if want == "torch":
         return torch_ops
-    if want in ("auto", "aten"):
+    if want in ("auto", "aten", "native"):
         # no Triton import for CPU tensors, no numba import for CUDA ones
         impl = _load("triton" if x.is_cuda else "numba")
         return impl if impl is not None and impl.supports(x, p) else torch_ops

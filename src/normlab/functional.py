@@ -1,23 +1,25 @@
 """The functional norms: torch.nn.functional's signatures, a hand-derived backward, an optional fused activation.
 
 Each public function checks its arguments, takes the :class:`~normlab.spec.Call` of the input's shape (built
-once per shape, then cached) and runs it through one backend (:mod:`normlab.backend`: the numba loops, the torch
-path or the Triton kernels), in one of four ways, or, for small CPU inputs, through ATen's own kernels on shifted
-input (:mod:`normlab.aten_ops`), which autograd differentiates with ATen's formulas:
+once per shape, then cached) and runs it (:mod:`normlab.backend` chooses) in one of these ways:
 
-- nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
-  directly; nothing is saved;
-- eager autograd: :class:`_NormFunction`, whose backward is the backend's hand-derived backward; the forward saves
-  ``(x, mean, rstd)`` and the backward recomputes ``xhat``. In both, the backend's forward also folds the batch's
-  statistics into the running buffers (one compiled call on the CPU);
-- under ``torch.compile``: two ``torch.library`` custom ops (``normlab::norm_forward`` and its autograd formula
-  ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction;
-- under ``torch.export`` (and so ONNX), where no running buffers are updated: the torch path's textbook forward,
-  plain aten ops that every exporter translates.
+- float32/float64 CPU tensors, eager: the native C++ kernels (:mod:`normlab.native`: one C++ call per direction,
+  the autograd node in C++), or where they cannot be built, for small inputs, ATen's own kernels on shifted input
+  (:mod:`normlab.aten_ops`, differentiated with ATen's formulas);
+- otherwise a backend module (the numba loops, the torch path or the Triton kernels), in one of four ways:
+  - nothing needs a gradient (eval under ``no_grad``, or no input requires grad): the backend's forward, called
+    directly; nothing is saved;
+  - eager autograd: :class:`_NormFunction`, whose backward is the backend's hand-derived backward; the forward saves
+    ``(x, mean, rstd)`` and the backward recomputes ``xhat``. In both, the backend's forward also folds the batch's
+    statistics into the running buffers (one compiled call on the CPU);
+  - under ``torch.compile``: two ``torch.library`` custom ops (``normlab::norm_forward`` and its autograd formula
+    ``normlab::norm_backward``) around the same functions, so ``fullgraph=True`` sees one op per direction;
+  - under ``torch.export`` (and so ONNX), where no running buffers are updated: the torch path's textbook forward,
+    plain aten ops that every exporter translates.
 
 Double backward (``create_graph=True``) falls back to autograd through the torch path's textbook forward (so it
-also differentiates how mean and rstd depend on x); first derivatives take the hand-derived backward (but on the
-ATen path).
+also differentiates how mean and rstd depend on x); the native node does the same through ATen's ops, and the
+ATen path has ATen's formulas.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from normlab import activations, aten_ops, backend, spec, torch_ops
+from normlab import activations, backend, spec, torch_ops
 from normlab.spec import LEAKY_SLOPE, Call, Running
 
 
@@ -206,8 +208,9 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
     grad = torch.is_grad_enabled() and (
         x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
     )
-    if backend.aten(x, call, stats, running, grad):
-        return aten_ops.norm(x, w, b, call, stats, running)
+    path = backend.graph_path(x, w, b, call, stats, running, grad)
+    if path is not None:
+        return path.norm(x, w, b, call, stats, running)
     impl = backend.select(x, call.plan)
     if grad:
         return _NormFunction.apply(x, w, b, call, stats, running, impl)
@@ -336,7 +339,7 @@ def _check_shapes(shape: tuple[int, ...], what, *named) -> None:
     """Each given ``(name, tensor)`` must have ``shape``; the error names the argument, the expected and the actual
     shape, and says what the shape is (``what``: text, or a function giving it, called only on failure)."""
     for name, t in named:
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:  # torch.Size is a tuple
             what = what() if callable(what) else what
             raise ValueError(f"{name} must have shape {shape} ({what}), got shape {tuple(t.shape)}")
 

@@ -1,0 +1,751 @@
+// normlab's native CPU norm: forward, backward and the guarded running update in one C++ call per direction, with
+// the autograd node in C++ too. What it saves is the Python around a small norm (module, autograd.Function, engine
+// callbacks, a dozen tensor ops), which costs more than the arithmetic below some 10^5 values.
+//
+// Every norm is the spec's view (N, G, K, R) of x, addressed with strides (s_n, s_c, s_r), c = g * K + k:
+//
+//     a = x, or f(x) when ACT_FIRST                       (placement "after": a pass of its own before the loops)
+//     shift = a at the statistic's first position          sums of d = a - shift keep the digits of a large mean
+//     mean = shift + E[d],  var = max(E[d^2] - E[d]^2, 0), rstd = (var + eps)^-1/2
+//     xhat = (a - mean) * rstd,  z = xhat * w[c] + b[c],  y = f(z) unless ACT_FIRST
+//
+//     dz = dy * f'(z) unless ACT_FIRST, else dy;  dxhat = dz * w[c]
+//     db[c] = sum dz,  dw[c] = sum dz * xhat                               over n and r (and the statistics sharing c)
+//     da = rstd * (dxhat - E[dxhat] - xhat * E[dxhat * xhat])              the input's own statistics
+//     da = rstd * dxhat                                                    given statistics (constants)
+//     dx = da * f'(x) when ACT_FIRST, else da
+//
+// A statistic is (n0, g) with n0 = 0 when it pools over the batch (batch norm). Sums are double; mean and rstd are
+// stored in x's dtype (float32 or float64), and both directions read the stored values. Double backward: the node's
+// backward, when a graph of it is asked for, recomputes the forward from differentiable ATen ops and lets autograd
+// differentiate that (slow, exact, rare).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+enum Act : int64_t { NONE = 0, RELU, LEAKY_RELU, SIGMOID, TANH, SILU, GELU };
+
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+// The activation and its derivative at the pre-activation value v (torch's conventions: relu'(0) = 0,
+// leaky_relu'(0) = slope; gelu is the exact erf form). A template argument, so that the loops without a
+// transcendental vectorize.
+// Branch-free where it can be (std::max/min, a 0/1 mask): a branch on the sign of random data is mispredicted
+// half the time. NaN propagates as in torch: std::max(NaN, 0.0) is NaN.
+template <int A>
+inline double act_fn(double v, double slope) {
+  if constexpr (A == RELU) return std::max(v, 0.0);
+  else if constexpr (A == LEAKY_RELU) return std::max(v, 0.0) + slope * std::min(v, 0.0);
+  else if constexpr (A == SIGMOID) return 1.0 / (1.0 + std::exp(-v));
+  else if constexpr (A == TANH) return std::tanh(v);
+  else if constexpr (A == SILU) return v / (1.0 + std::exp(-v));
+  else if constexpr (A == GELU) return 0.5 * v * (1.0 + std::erf(v * kInvSqrt2));
+  else return v;
+}
+
+template <int A>
+inline double act_grad(double v, double slope) {
+  if constexpr (A == RELU) return static_cast<double>(v > 0);
+  else if constexpr (A == LEAKY_RELU) { const double pos = static_cast<double>(v > 0); return pos + (1.0 - pos) * slope; }
+  else if constexpr (A == SIGMOID) { const double s = 1.0 / (1.0 + std::exp(-v)); return s * (1.0 - s); }
+  else if constexpr (A == TANH) { const double t = std::tanh(v); return 1.0 - t * t; }
+  else if constexpr (A == SILU) { const double s = 1.0 / (1.0 + std::exp(-v)); return s * (1.0 + v * (1.0 - s)); }
+  else if constexpr (A == GELU) return 0.5 * (1.0 + std::erf(v * kInvSqrt2)) + v * std::exp(-0.5 * v * v) * kInvSqrt2Pi;
+  else return 1.0;
+}
+
+// Calls fn(std::integral_constant<int, act>) for a run-time act.
+template <typename F>
+void with_act(int64_t act, F&& fn) {
+  switch (act) {
+    case RELU: return fn(std::integral_constant<int, RELU>{});
+    case LEAKY_RELU: return fn(std::integral_constant<int, LEAKY_RELU>{});
+    case SIGMOID: return fn(std::integral_constant<int, SIGMOID>{});
+    case TANH: return fn(std::integral_constant<int, TANH>{});
+    case SILU: return fn(std::integral_constant<int, SILU>{});
+    case GELU: return fn(std::integral_constant<int, GELU>{});
+    default: return fn(std::integral_constant<int, NONE>{});
+  }
+}
+
+// The call, as every function here reads it: the view, strides, and what the norm does.
+struct Geometry {
+  int64_t N, G, K, R;      // the spec's view; C = G * K channels (layer norm: K normalized elements, G = R = 1)
+  bool channels_last;      // x is (N, *S, C) in memory: rows of C contiguous channels; else (N, C, *S) contiguous
+  bool pool;               // one statistic per group over the whole batch (batch norm), else per sample
+  double eps;
+  int64_t act;             // Act
+  double slope;            // leaky_relu's negative slope
+  bool act_first;          // y = norm(f(x)) (placement "after"), else y = f(norm(x))
+
+  int64_t C() const { return G * K; }
+  int64_t stats() const { return (pool ? 1 : N) * G; }
+  int64_t m() const { return (pool ? N : 1) * K * R; }
+  // Rows of contiguous channels, the loops' layout when channels are innermost: channels_last, or a pooled (N, C).
+  bool rows() const { return channels_last || (pool && R == 1); }
+};
+
+// Work is split into chunks whose number depends on the shape only (never on the thread count), each with its own
+// partial sums, merged in chunk order: the results are the same bits on any number of threads. A chunk holds about
+// kGrain values; small inputs are one chunk, on the calling thread (a parallel region costs microseconds).
+constexpr int64_t kGrain = int64_t{1} << 14;
+constexpr int64_t kMaxChunks = 64;
+
+inline int64_t chunks(int64_t items, int64_t values_per_item) {
+  return std::max<int64_t>(1, std::min({items, kMaxChunks, items * values_per_item / kGrain}));
+}
+
+// Runs fn(chunk) for chunk in [0, n), in parallel when there is more than one.
+template <typename F>
+void each_chunk(int64_t n, F&& fn) {
+  if (n == 1) return fn(int64_t{0});
+  at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) fn(i);
+  });
+}
+
+
+// ---- the loops: one contiguous run each, restrict pointers and scalars in registers, so that they vectorize -------
+//
+// A run is n contiguous values. "Per value" loops take one statistic (mu, rs) and one channel (wc, bc) for the whole
+// run (a plane of R positions); "per channel" loops take arrays indexed like the run (a row of channels).
+
+// sum and sum of squares of d = x - shift
+template <typename T>
+inline void run_sums(const T* __restrict x, int64_t n, double shift, double& sum, double& sumsq) {
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - shift;
+    s1 += d;
+    s2 += d * d;
+  }
+  sum += s1;
+  sumsq += s2;
+}
+
+// per channel: sum[i] += x[i] - shift[i], sumsq[i] += (x[i] - shift[i])^2
+template <typename T>
+inline void row_sums(const T* __restrict x, int64_t n, const double* __restrict shift, double* __restrict sum,
+                     double* __restrict sumsq) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - shift[i];
+    sum[i] += d;
+    sumsq[i] += d * d;
+  }
+}
+
+// y = f((x - mu) * sc + bc), one statistic and channel for the run
+template <typename T, int A>
+inline void run_apply(const T* __restrict x, T* __restrict y, int64_t n, double mu, double sc, double bc,
+                      double slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu) * sc + bc, slope));
+}
+
+// y = f((x - mu[i]) * sc[i] + bc[i])
+template <typename T, int A>
+inline void row_apply(const T* __restrict x, T* __restrict y, int64_t n, const double* __restrict mu,
+                      const double* __restrict sc, const double* __restrict bc, double slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu[i]) * sc[i] + bc[i], slope));
+}
+
+// xhat = (x - mu) * rs, z = xhat * wc + bc, dz = dy * f'(z)
+template <int A>
+inline double dz_at(double x, double dy, double mu, double rs, double wc, double bc, double slope, double& xhat) {
+  xhat = (x - mu) * rs;
+  if constexpr (A == NONE) return dy;
+  else return dy * act_grad<A>(xhat * wc + bc, slope);
+}
+
+// sums over the run of dz and dz * xhat, one statistic and channel
+template <typename T, int A>
+inline void run_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, double mu, double rs, double wc,
+                          double bc, double slope, double& sdz, double& sdzx) {
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < n; ++i) {
+    double xhat;
+    const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
+    s1 += dz;
+    s2 += dz * xhat;
+  }
+  sdz += s1;
+  sdzx += s2;
+}
+
+// per channel: sdz[i] += dz, sdzx[i] += dz * xhat
+template <typename T, int A>
+inline void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, const double* __restrict mu,
+                          const double* __restrict rs, const double* __restrict wc, const double* __restrict bc,
+                          double slope, double* __restrict sdz, double* __restrict sdzx) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    double xhat;
+    const double dz = dz_at<A>(x[i], dy[i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
+    sdz[i] += dz;
+    sdzx[i] += dz * xhat;
+  }
+}
+
+// dx = rs * (dz * wc - c1 - xhat * c2), one statistic and channel (c1 = c2 = 0: given statistics)
+template <typename T, int A>
+inline void run_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n, double mu, double rs,
+                   double wc, double bc, double c1, double c2, double slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    double xhat;
+    const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
+    dx[i] = static_cast<T>(rs * (dz * wc - c1 - xhat * c2));
+  }
+}
+
+// dx per channel
+template <typename T, int A>
+inline void row_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n,
+                   const double* __restrict mu, const double* __restrict rs, const double* __restrict wc,
+                   const double* __restrict bc, const double* __restrict c1, const double* __restrict c2,
+                   double slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    double xhat;
+    const double dz = dz_at<A>(x[i], dy[i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
+    dx[i] = static_cast<T>(rs[i] * (dz * wc[i] - c1[i] - xhat * c2[i]));
+  }
+}
+
+// w and b as float64 arrays (C,): 1 and 0 when absent, so that the loops never test for them
+template <typename T>
+void affine(const T* w, const T* b, int64_t C, std::vector<double>& wd, std::vector<double>& bd) {
+  wd.assign(C, 1.0);
+  bd.assign(C, 0.0);
+  for (int64_t c = 0; c < C; ++c) {
+    if (w) wd[c] = w[c];
+    if (b) bd[c] = b[c];
+  }
+}
+
+// The statistics of one group from its sums of d = a - shift over m values.
+inline void finish_stat(double shift, double sum, double sumsq, int64_t m, double eps, double* mean, double* rstd,
+                        double* var) {
+  const double md = sum / m, v = std::max(sumsq / m - md * md, 0.0);
+  *var = v;
+  *mean = shift + md;
+  *rstd = 1.0 / std::sqrt(v + eps);
+}
+
+// ---- rows of contiguous channels (channels_last, or a pooled (N, C)) ------------------------------------------------
+//
+// Block b (the batch when pooled, else sample b) is RB rows of C contiguous channels, row j at (b * RB + j) * C.
+// Statistic b * G + g (g when pooled) reduces channels g*K .. g*K+K-1 over the block's rows. The loops run along the
+// channels, accumulating per channel; groups sum their channels at the merge.
+
+struct Rows {
+  int64_t B, RB, P;  // blocks, rows per block, chunks per block
+  explicit Rows(const Geometry& q)
+      : B(q.pool ? 1 : q.N), RB(q.pool ? q.N * q.R : q.R), P(chunks(RB, q.C())) {}
+  int64_t lo(int64_t p) const { return p * RB / P; }
+  int64_t hi(int64_t p) const { return (p + 1) * RB / P; }
+};
+
+// Per block and channel (C each): mu, rs (its group's statistic), then sc = rs * w, bc = b
+void block_coefficients(const Geometry& q, int64_t B, bool given, const double* mean, const double* rstd,
+                        const std::vector<double>& wd, const std::vector<double>& bd, std::vector<double>& coef) {
+  const int64_t C = q.C();
+  coef.resize(B * 4 * C);
+  for (int64_t bl = 0; bl < B; ++bl)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t s = (given ? 0 : bl * q.G) + c / q.K;
+      double* cf = coef.data() + bl * 4 * C;
+      cf[c] = mean[s];
+      cf[C + c] = rstd[s];
+      cf[2 * C + c] = rstd[s] * wd[c];
+      cf[3 * C + c] = bd[c];
+    }
+}
+
+template <typename T, int A>
+void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T* b, T* y, double* mean, double* rstd,
+                  double* var) {
+  const double slope = q.slope;
+  const Rows L(q);
+  const int64_t C = q.C(), G = q.G, K = q.K;
+  if (!given) {
+    std::vector<double> part(L.B * L.P * 2 * C, 0.0), shift(L.B * C);  // per chunk: sum, sumsq; per block's channel
+    for (int64_t bl = 0; bl < L.B; ++bl)
+      for (int64_t c = 0; c < C; ++c) shift[bl * C + c] = x[bl * L.RB * C + (c / K) * K];
+    each_chunk(L.B * L.P, [&](int64_t ch) {
+      const int64_t bl = ch / L.P, p = ch % L.P;
+      double* sum = part.data() + ch * 2 * C;
+      for (int64_t j = L.lo(p); j < L.hi(p); ++j)
+        row_sums(x + (bl * L.RB + j) * C, C, shift.data() + bl * C, sum, sum + C);
+    });
+    for (int64_t bl = 0; bl < L.B; ++bl)
+      for (int64_t g = 0; g < G; ++g) {
+        double sum = 0, sumsq = 0;
+        for (int64_t p = 0; p < L.P; ++p)
+          for (int64_t c = g * K; c < g * K + K; ++c) {
+            sum += part[(bl * L.P + p) * 2 * C + c];
+            sumsq += part[(bl * L.P + p) * 2 * C + C + c];
+          }
+        const int64_t s = bl * G + g;
+        finish_stat(shift[bl * C + g * K], sum, sumsq, q.m(), q.eps, mean + s, rstd + s, var + s);
+      }
+  }
+  std::vector<double> wd, bd, coef;
+  affine(w, b, C, wd, bd);
+  block_coefficients(q, L.B, given, mean, rstd, wd, bd, coef);
+  each_chunk(L.B * L.P, [&, slope](int64_t ch) {
+    const int64_t bl = ch / L.P, p = ch % L.P;
+    const double* cf = coef.data() + bl * 4 * C;
+    for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+      const int64_t off = (bl * L.RB + j) * C;
+      row_apply<T, A>(x + off, y + off, C, cf, cf + 2 * C, cf + 3 * C, slope);
+    }
+  });
+}
+
+template <typename T, int A>
+void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x, const T* w, const T* b,
+                   const double* mean, const double* rstd, T* dx, double* dw, double* db) {
+  const double slope = q.slope;
+  const Rows L(q);
+  const int64_t C = q.C(), G = q.G, K = q.K, m = q.m();
+  std::vector<double> wd, bd, coef;
+  affine(w, b, C, wd, bd);
+  block_coefficients(q, L.B, !input_stats, mean, rstd, wd, bd, coef);
+  // Per chunk and channel: sum dz, sum dz * xhat (db and dw; times w, the statistics' sums of dxhat, dxhat * xhat).
+  std::vector<double> part(L.B * L.P * 2 * C, 0.0);
+  if (input_stats || dw || db) {
+    each_chunk(L.B * L.P, [&, slope](int64_t ch) {
+      const int64_t bl = ch / L.P, p = ch % L.P;
+      const double* cf = coef.data() + bl * 4 * C;
+      double* sdz = part.data() + ch * 2 * C;
+      for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+        const int64_t off = (bl * L.RB + j) * C;
+        row_grad_sums<T, A>(x + off, dy + off, C, cf, cf + C, wd.data(), bd.data(), slope, sdz, sdz + C);
+      }
+    });
+    for (int64_t ch = 0; ch < L.B * L.P; ++ch)
+      for (int64_t c = 0; c < C; ++c) {
+        if (db) db[c] += part[ch * 2 * C + c];
+        if (dw) dw[c] += part[ch * 2 * C + C + c];
+      }
+  }
+  if (!dx) return;
+  // dx = rs * (dz * w - c1 - xhat * c2) with the statistic's c1 = E[dxhat], c2 = E[dxhat * xhat] (0: given ones)
+  std::vector<double> cx(L.B * 2 * C, 0.0);
+  if (input_stats) {
+    for (int64_t bl = 0; bl < L.B; ++bl)
+      for (int64_t g = 0; g < G; ++g) {
+        double sdx = 0, sdxx = 0;
+        for (int64_t p = 0; p < L.P; ++p)
+          for (int64_t c = g * K; c < g * K + K; ++c) {
+            sdx += wd[c] * part[(bl * L.P + p) * 2 * C + c];
+            sdxx += wd[c] * part[(bl * L.P + p) * 2 * C + C + c];
+          }
+        for (int64_t c = g * K; c < g * K + K; ++c) {
+          cx[bl * 2 * C + c] = sdx / m;
+          cx[bl * 2 * C + C + c] = sdxx / m;
+        }
+      }
+  }
+  each_chunk(L.B * L.P, [&, slope](int64_t ch) {
+    const int64_t bl = ch / L.P, p = ch % L.P;
+    const double *cf = coef.data() + bl * 4 * C, *c1 = cx.data() + bl * 2 * C;
+    for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+      const int64_t off = (bl * L.RB + j) * C;
+      row_dx<T, A>(x + off, dy + off, dx + off, C, cf, cf + C, wd.data(), bd.data(), c1, c1 + C, slope);
+    }
+  });
+}
+
+// ---- planes: contiguous (N, C, R) -----------------------------------------------------------------------------------
+//
+// Unit (n, g) is the K runs of R contiguous values x[n, g*K .. g*K+K-1, :]. Statistic n * G + g (g when pooled)
+// reduces its units. When R == 1 (layer norm's rows) a unit is one row of K channels, run along the channels.
+
+struct Planes {
+  int64_t U, P;  // units (N * G), chunks
+  explicit Planes(const Geometry& q) : U(q.N * q.G), P(chunks(q.N * q.G, q.K * q.R)) {}
+  int64_t lo(int64_t p) const { return p * U / P; }
+  int64_t hi(int64_t p) const { return (p + 1) * U / P; }
+};
+
+template <typename T, int A>
+void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const T* b, T* y, double* mean,
+                    double* rstd, double* var) {
+  const double slope = q.slope;
+  const Planes L(q);
+  const int64_t G = q.G, K = q.K, R = q.R, KR = K * R, C = q.C(), S = q.stats();
+  const bool pool = q.pool;
+  auto stat = [G, given, pool](int64_t u) { return given || pool ? u % G : u; };
+  if (!given) {
+    std::vector<double> part(L.U * 2), shift(S);  // per unit: sum, sumsq; per statistic: its first value
+    for (int64_t s = 0; s < S; ++s) shift[s] = x[s * KR];  // s = n * G + g (pooled: n = 0)
+    each_chunk(L.P, [&](int64_t p) {
+      for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+        part[2 * u] = part[2 * u + 1] = 0;
+        run_sums(x + u * KR, KR, shift[stat(u)], part[2 * u], part[2 * u + 1]);
+      }
+    });
+    std::vector<double> acc(2 * S, 0.0);
+    for (int64_t u = 0; u < L.U; ++u) {
+      acc[2 * stat(u)] += part[2 * u];
+      acc[2 * stat(u) + 1] += part[2 * u + 1];
+    }
+    for (int64_t s = 0; s < S; ++s)
+      finish_stat(shift[s], acc[2 * s], acc[2 * s + 1], q.m(), q.eps, mean + s, rstd + s, var + s);
+  }
+  std::vector<double> wd, bd;
+  affine(w, b, C, wd, bd);
+  each_chunk(L.P, [&, slope](int64_t p) {
+    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+      const int64_t s = stat(u), g = u % G;
+      if (R == 1) {  // a row of K channels
+        const T* __restrict xs = x + u * K;
+        T* __restrict ys = y + u * K;
+        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K, mu = mean[s], rs = rstd[s];
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k)
+          ys[k] = static_cast<T>(act_fn<A>((static_cast<double>(xs[k]) - mu) * rs * wc[k] + bc[k], slope));
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t c = g * K + k, off = u * KR + k * R;
+        run_apply<T, A>(x + off, y + off, R, mean[s], rstd[s] * wd[c], bd[c], slope);
+      }
+    }
+  });
+}
+
+template <typename T, int A>
+void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* x, const T* w, const T* b,
+                     const double* mean, const double* rstd, T* dx, double* dw, double* db) {
+  const double slope = q.slope;
+  const Planes L(q);
+  const int64_t G = q.G, K = q.K, R = q.R, KR = K * R, C = q.C(), m = q.m();
+  const int64_t S = input_stats ? q.stats() : G;
+  const bool pool = q.pool;
+  auto stat = [G, input_stats, pool](int64_t u) { return !input_stats || pool ? u % G : u; };
+  std::vector<double> wd, bd;
+  affine(w, b, C, wd, bd);
+  // per chunk and channel: sum dz, sum dz * xhat; per unit: sum dxhat, sum dxhat * xhat
+  std::vector<double> part(L.P * 2 * C, 0.0), unit(L.U * 2, 0.0);
+  each_chunk(L.P, [&, slope](int64_t p) {
+    double* sdz = part.data() + p * 2 * C;
+    double* sdzx = sdz + C;
+    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+      const int64_t s = stat(u), g = u % G;
+      const double mu = mean[s], rs = rstd[s];
+      double sdx = 0, sdxx = 0;
+      if (R == 1) {  // a row of K channels: per channel sums and the row's weighted ones in one loop
+        const T *xs = x + u * K, *dys = dy + u * K;
+        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
+        double *pz = sdz + g * K, *pzx = sdzx + g * K;
+#pragma omp simd reduction(+ : sdx, sdxx)
+        for (int64_t k = 0; k < K; ++k) {
+          double xhat;
+          const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
+          pz[k] += dz;
+          pzx[k] += dz * xhat;
+          sdx += wc[k] * dz;
+          sdxx += wc[k] * dz * xhat;
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t c = g * K + k, off = u * KR + k * R;
+          double a1 = 0, a2 = 0;
+          run_grad_sums<T, A>(x + off, dy + off, R, mu, rs, wd[c], bd[c], slope, a1, a2);
+          sdz[c] += a1;
+          sdzx[c] += a2;
+          sdx += wd[c] * a1;
+          sdxx += wd[c] * a2;
+        }
+      }
+      unit[2 * u] = sdx;
+      unit[2 * u + 1] = sdxx;
+    }
+  });
+  for (int64_t p = 0; p < L.P; ++p)
+    for (int64_t c = 0; c < C; ++c) {
+      if (db) db[c] += part[p * 2 * C + c];
+      if (dw) dw[c] += part[p * 2 * C + C + c];
+    }
+  if (!dx) return;
+  std::vector<double> cx(2 * S, 0.0);
+  if (input_stats) {
+    for (int64_t u = 0; u < L.U; ++u) {
+      cx[2 * stat(u)] += unit[2 * u];
+      cx[2 * stat(u) + 1] += unit[2 * u + 1];
+    }
+    for (int64_t i = 0; i < 2 * S; ++i) cx[i] /= m;
+  }
+  each_chunk(L.P, [&, slope](int64_t p) {
+    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+      const int64_t s = stat(u), g = u % G;
+      const double mu = mean[s], rs = rstd[s], c1 = cx[2 * s], c2 = cx[2 * s + 1];
+      if (R == 1) {
+        const T *xs = x + u * K, *dys = dy + u * K;
+        T* dxs = dx + u * K;
+        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          double xhat;
+          const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
+          dxs[k] = static_cast<T>(rs * (dz * wc[k] - c1 - xhat * c2));
+        }
+        continue;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t c = g * K + k, off = u * KR + k * R;
+        run_dx<T, A>(x + off, dy + off, dx + off, R, mu, rs, wd[c], bd[c], c1, c2, slope);
+      }
+    }
+  });
+}
+
+// Fold the batch's statistics into the running buffers (G,), in place, unless they are not finite: per-sample
+// statistics averaged over the batch first, the variance made unbiased (m / (m - 1)), factor = momentum, or
+// 1 / (num_batches_tracked + 1) when momentum < 0 (the cumulative average).
+template <typename U>
+void running_update(const Geometry& q, const double* mean, const double* var, U* rm, U* rv, int64_t* nbt,
+                    int64_t* nskipped, double momentum) {
+  const int64_t rows = q.pool ? 1 : q.N, m = q.m();
+  const double unbias = static_cast<double>(m) / static_cast<double>(std::max<int64_t>(m - 1, 1));
+  std::vector<double> bm(q.G), bv(q.G);
+  bool finite = true;
+  for (int64_t g = 0; g < q.G; ++g) {
+    double sm = 0, sv = 0;
+    for (int64_t n = 0; n < rows; ++n) {
+      sm += mean[n * q.G + g];
+      sv += var[n * q.G + g];
+    }
+    bm[g] = sm / rows;
+    bv[g] = sv / rows * unbias;
+    // in the buffers' dtype: a finite variance whose float32 rounding overflows is kept out too
+    finite = finite && std::isfinite(static_cast<U>(bm[g])) && std::isfinite(static_cast<U>(bv[g]));
+  }
+  if (!finite) {
+    if (nskipped != nullptr) *nskipped += 1;
+    return;
+  }
+  const double f = momentum >= 0 ? momentum : 1.0 / static_cast<double>(*nbt + 1);
+  if (nbt != nullptr) *nbt += 1;
+  for (int64_t g = 0; g < q.G; ++g) {  // in float64: a float32 (batch - old) would round away a small variance
+    const double old_mean = rm[g], old_var = rv[g];
+    rm[g] = static_cast<U>(old_mean + f * (bm[g] - old_mean));
+    rv[g] = static_cast<U>(old_var + f * (bv[g] - old_var));
+  }
+}
+
+// The activation applied before the norm (placement "after"): a = f(x) is one elementwise pass before the norm's
+// loops (which then run without an activation), and dx = da * f'(x) one after the backward's. Both elementwise in
+// x's dtype, as torch's activation followed by its norm.
+template <typename T>
+Tensor activation_of(const Tensor& x, int64_t act, double slope) {
+  Tensor a = at::empty_like(x);
+  const T* xp = x.data_ptr<T>();
+  T* ap = a.data_ptr<T>();
+  with_act(act, [&](auto A) {
+    at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) ap[i] = static_cast<T>(act_fn<A>(xp[i], slope));
+    });
+  });
+  return a;
+}
+
+template <typename T>
+void times_activation_grad(Tensor& dx, const Tensor& x, int64_t act, double slope) {
+  const T* xp = x.data_ptr<T>();
+  T* dp = dx.data_ptr<T>();
+  with_act(act, [&](auto A) {
+    at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) dp[i] = static_cast<T>(dp[i] * act_grad<A>(xp[i], slope));
+    });
+  });
+}
+
+// The forward as ATen's differentiable ops on the (N, G, K, R) view, for double backward.
+Tensor composite(const Geometry& q, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& given_mean,
+                 const Tensor& given_var) {
+  auto f = [&](const Tensor& v) -> Tensor {
+    switch (q.act) {
+      case RELU: return at::relu(v);
+      case LEAKY_RELU: return at::leaky_relu(v, q.slope);
+      case SIGMOID: return at::sigmoid(v);
+      case TANH: return at::tanh(v);
+      case SILU: return at::silu(v);
+      case GELU: return at::gelu(v);
+      default: return v;
+    }
+  };
+  const Tensor a = q.act_first ? f(x) : x;
+  const Tensor a4 = a.reshape({q.N, q.G, q.K, q.R});
+  Tensor xhat;
+  if (given_mean.defined()) {
+    xhat = (a4 - given_mean.reshape({1, q.G, 1, 1})) * at::rsqrt(given_var.reshape({1, q.G, 1, 1}) + q.eps);
+  } else {
+    Tensor shift = a4.detach().narrow(2, 0, 1).narrow(3, 0, 1);
+    if (q.pool) shift = shift.narrow(0, 0, 1);
+    const std::vector<int64_t> dims = q.pool ? std::vector<int64_t>{0, 2, 3} : std::vector<int64_t>{2, 3};
+    const Tensor d = a4 - shift;
+    const Tensor dc = d - d.mean(dims, true);
+    xhat = dc * at::rsqrt((dc * dc).mean(dims, true) + q.eps);
+  }
+  Tensor z = xhat;
+  if (w.defined()) z = z * w.reshape({1, q.G, q.K, 1});
+  if (b.defined()) z = z + b.reshape({1, q.G, q.K, 1});
+  return (q.act_first ? z : f(z)).reshape(x.sizes());
+}
+
+Geometry geometry(const std::vector<int64_t>& view, bool pool, bool channels_last, double eps, int64_t act,
+                  double slope, bool act_first) {
+  return Geometry{view[0], view[1], view[2], view[3], channels_last, pool, eps, act, slope, act_first};
+}
+
+using Opt = c10::optional<Tensor>;
+
+Tensor get(const Opt& t) { return t.has_value() ? *t : Tensor(); }
+
+struct NormFunction : public torch::autograd::Function<NormFunction> {
+  // x: (N, C, *S) contiguous or channels_last (channels_last), or (*B, *D) contiguous (layer norm's view);
+  // w, b: (G*K,) or undefined; given_mean, given_var: (G,) or undefined (then the input's own statistics, folded
+  // into running_mean, running_var (G,) when defined); num_batches_tracked, num_skipped: scalar long or undefined.
+  // (Optional tensors: autograd's Function takes None for an absent input, not an undefined tensor.)
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w_, const Opt& b_, const Opt& given_mean_,
+                        const Opt& given_var_, const Opt& running_mean_, const Opt& running_var_,
+                        const Opt& num_batches_tracked_, const Opt& num_skipped_, std::vector<int64_t> view, bool pool,
+                        bool channels_last, double eps, double momentum, int64_t act, double slope, bool act_first) {
+    const Tensor w = get(w_), b = get(b_), given_mean = get(given_mean_), given_var = get(given_var_);
+    const Tensor running_mean = get(running_mean_), running_var = get(running_var_);
+    const Tensor num_batches_tracked = get(num_batches_tracked_), num_skipped = get(num_skipped_);
+    const Geometry q = geometry(view, pool, channels_last, eps, act, slope, act_first);
+    const bool input_stats = !given_mean.defined();
+    TORCH_CHECK(!running_mean.defined() || momentum >= 0 || num_batches_tracked.defined(),
+                "momentum=None (cumulative average) needs num_batches_tracked");
+    const int64_t S = input_stats ? q.stats() : q.G;
+    Tensor y = at::empty_like(x);
+    // float64 statistics: they never leave this node, and the apply and the backward subtract the mean unrounded
+    Tensor mean = at::empty({S}, x.options().dtype(at::kDouble)), rstd = at::empty({S}, x.options().dtype(at::kDouble));
+    std::vector<double> var(input_stats ? S : 0);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_native_forward", [&] {
+      using T = scalar_t;
+      double *mp = mean.data_ptr<double>(), *rp = rstd.data_ptr<double>();
+      if (!input_stats) {  // given statistics (G,): mean as given, rstd from the given variance
+        const T *gm = given_mean.data_ptr<T>(), *gv = given_var.data_ptr<T>();
+        for (int64_t g = 0; g < q.G; ++g) {
+          mp[g] = gm[g];
+          rp[g] = 1.0 / std::sqrt(static_cast<double>(gv[g]) + q.eps);
+        }
+      }
+      const T* wp = w.defined() ? w.data_ptr<T>() : nullptr;
+      const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+      const Tensor a = act_first ? activation_of<T>(x, act, slope) : x;
+      with_act(act_first ? NONE : act, [&](auto A) {
+        if (q.rows())
+          forward_rows<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
+        else
+          forward_planes<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
+      });
+      if (input_stats && running_mean.defined()) {
+        int64_t* nbt = num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr;
+        int64_t* skipped = num_skipped.defined() ? num_skipped.data_ptr<int64_t>() : nullptr;
+        AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "normlab_native_running", [&] {
+          running_update<scalar_t>(q, mp, var.data(), running_mean.data_ptr<scalar_t>(),
+                                      running_var.data_ptr<scalar_t>(), nbt, skipped, momentum);
+        });
+      }
+    });
+    ctx->save_for_backward({x, w, b, mean, rstd, given_mean, given_var});
+    ctx->saved_data["view"] = view;
+    ctx->saved_data["flags"] = std::vector<int64_t>{pool, channels_last, act, act_first};
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["slope"] = slope;
+    return y;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &rstd = saved[4];
+    const Tensor &given_mean = saved[5], &given_var = saved[6];
+    const auto view = ctx->saved_data["view"].toIntVector();
+    const auto flags = ctx->saved_data["flags"].toIntVector();
+    const Geometry q = geometry(view, flags[0], flags[1], ctx->saved_data["eps"].toDouble(), flags[2],
+                                ctx->saved_data["slope"].toDouble(), flags[3]);
+    const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(1),
+               need_b = b.defined() && ctx->needs_input_grad(2);
+    tensor_list out(17);
+    if (torch::autograd::GradMode::is_enabled()) {  // a graph of the gradient is wanted: differentiate ATen's ops
+      tensor_list inputs;
+      if (need_x) inputs.push_back(x);
+      if (need_w) inputs.push_back(w);
+      if (need_b) inputs.push_back(b);
+      const Tensor y = composite(q, x, w, b, given_mean, given_var);
+      auto grads = torch::autograd::grad({y}, inputs, {grad_outputs[0]}, true, true, true);
+      size_t i = 0;
+      if (need_x) out[0] = grads[i++];
+      if (need_w) out[1] = grads[i++];
+      if (need_b) out[2] = grads[i++];
+      return out;
+    }
+    const Tensor dy = grad_outputs[0].contiguous(x.suggest_memory_format());
+    const int64_t C = q.C();
+    Tensor dx = need_x ? at::empty_like(x) : Tensor();
+    Tensor dw = need_w ? at::empty_like(w) : Tensor(), db = need_b ? at::empty_like(b) : Tensor();
+    std::vector<double> dwv(need_w ? C : 0, 0.0), dbv(need_b ? C : 0, 0.0);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_native_backward", [&] {
+      using T = scalar_t;
+      const T* wp = w.defined() ? w.data_ptr<T>() : nullptr;
+      const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+      T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
+      double *dwp = need_w ? dwv.data() : nullptr, *dbp = need_b ? dbv.data() : nullptr;
+      const Tensor a = q.act_first ? activation_of<T>(x, q.act, q.slope) : x;
+      with_act(q.act_first ? NONE : q.act, [&](auto A) {
+        if (q.rows())
+          backward_rows<T, A>(q, !given_mean.defined(), dy.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
+                              mean.data_ptr<double>(), rstd.data_ptr<double>(), dxp, dwp, dbp);
+        else
+          backward_planes<T, A>(q, !given_mean.defined(), dy.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
+                                mean.data_ptr<double>(), rstd.data_ptr<double>(), dxp, dwp, dbp);
+      });
+      if (q.act_first && need_x) times_activation_grad<T>(dx, x, q.act, q.slope);
+      for (int64_t c = 0; c < (need_w ? C : 0); ++c) dw.data_ptr<T>()[c] = static_cast<T>(dwv[c]);
+      for (int64_t c = 0; c < (need_b ? C : 0); ++c) db.data_ptr<T>()[c] = static_cast<T>(dbv[c]);
+    });
+    out[0] = dx;
+    out[1] = dw;
+    out[2] = db;
+    return out;
+  }
+};
+
+Tensor norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& given_mean, const Opt& given_var,
+            const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked, const Opt& num_skipped,
+            std::vector<int64_t> view, bool pool, bool channels_last, double eps, double momentum, int64_t act,
+            double slope, bool act_first) {
+  return NormFunction::apply(x, w, b, given_mean, given_var, running_mean, running_var, num_batches_tracked,
+                             num_skipped, std::move(view), pool, channels_last, eps, momentum, act, slope, act_first);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm", &norm, "normlab's native CPU norm (see normlab.native)");
+}

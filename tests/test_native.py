@@ -1,0 +1,167 @@
+"""normlab.native, the C++ CPU norm: work split into many chunks, thread-count independence, double backward,
+the running update, and what happens where it cannot be built. (Every functional test also runs on it: it is one
+of conftest's CPU_BACKENDS.)"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import normlab.functional as F
+import normlab.nn as nl
+from normlab import backend, native, spec
+from tests.conftest import channels_last
+
+
+@pytest.fixture(autouse=True)
+def _native(monkeypatch):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the native kernels cannot be built here")
+    assert native.available(), "a C++ compiler is here, yet the native kernels did not build (see the warning)"
+    monkeypatch.setenv("NORMLAB_BACKEND", "native")
+
+
+# Inputs of more than one chunk (16,384 values each, at most 64 per block), in both loop families: rows of
+# contiguous channels ((N, C) batch norm, channels_last) and planes (contiguous (N, C, *S), layer norm's rows).
+BIG = [("batch", (700, 96), {}), ("batch", (6, 16, 30, 31), {}), ("batch", (6, 16, 30, 31), {"cl": True}),
+       ("instance", (5, 8, 61, 67), {}), ("instance", (3, 8, 61, 67), {"cl": True}),
+       ("group", (4, 12, 40, 41), {"groups": 3}), ("group", (4, 12, 40, 41), {"groups": 3, "cl": True}),
+       ("layer", (1030, 70), {})]
+
+
+def _run(kind, shape, kw, x, w, b, activation=None, placement="before"):
+    if kw.get("cl"):
+        x = channels_last(x)
+    if kind == "batch":
+        return F.batch_norm(x, None, None, w, b, True, activation=activation, placement=placement)
+    if kind == "instance":
+        return F.instance_norm(x, weight=w, bias=b, activation=activation, placement=placement)
+    if kind == "group":
+        return F.group_norm(x, kw["groups"], w, b, activation=activation, placement=placement)
+    return F.layer_norm(x, shape[-1:], w, b, activation=activation, placement=placement)
+
+
+@pytest.mark.parametrize("kind, shape, kw", BIG)
+@pytest.mark.parametrize("activation, placement", [(None, "before"), ("gelu", "before"), ("leaky_relu", "after")])
+def test_many_chunks_match_the_torch_path(kind, shape, kw, activation, placement, monkeypatch):
+    """float64, against the torch path (itself tested against the float64 reference): y, dx, dw, db to 1e-9."""
+    c = shape[-1] if kind == "layer" else shape[1]
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(shape, dtype=torch.float64)
+    out = {}
+    for path in ("native", "torch"):
+        monkeypatch.setenv("NORMLAB_BACKEND", path)
+        y = _run(kind, shape, kw, x, w, b, activation, placement)
+        out[path] = (y, *torch.autograd.grad(y, (x, w, b), dy))
+    for name, a, e in zip(("y", "dx", "dw", "db"), out["native"], out["torch"]):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
+    assert out["native"][0].is_contiguous(memory_format=torch.channels_last) == bool(kw.get("cl"))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """The chunks and their merge order depend on the shape only: 1 and 2 threads give the same bits."""
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for kind, shape, kw in BIG:
+                torch.manual_seed(0)
+                c = shape[-1] if kind == "layer" else shape[1]
+                x = torch.randn(shape, requires_grad=True)
+                w, b = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
+                y = _run(kind, shape, kw, x, w, b, "silu")
+                results.append((y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y))))
+    finally:
+        torch.set_num_threads(before)
+    half = len(results) // 2
+    for one, two in zip(results[:half], results[half:]):
+        for a, b_ in zip(one, two):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("kind, shape, kw", [("batch", (5, 3), {}), ("batch", (3, 2, 2, 3), {"cl": True}),
+                                             ("instance", (2, 3, 5), {}), ("group", (2, 4, 3), {"groups": 2}),
+                                             ("layer", (3, 6), {})])
+@pytest.mark.parametrize("activation, placement", [(None, "before"), ("tanh", "before"), ("sigmoid", "after")])
+def test_double_backward(kind, shape, kw, activation, placement):
+    """The node's backward, asked for a graph, differentiates ATen's ops: second derivatives by finite differences."""
+    c = shape[-1] if kind == "layer" else shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: _run(kind, shape, kw, x, w, b, activation, placement)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+def test_eval_uses_the_given_statistics_and_keeps_the_digits():
+    """Eval: (x - running_mean) is taken in float64 inside, so a large mean keeps the output's digits (float32)."""
+    bn = nl.BatchNorm1d(4).eval()
+    x = (torch.randn(64, 4, dtype=torch.float64) * 1e-2 + 1e4).float()
+    bn.running_mean.copy_(x.double().mean(0).float())
+    bn.running_var.copy_(x.double().var(0).float())
+    with torch.no_grad():
+        y = bn(x)
+    want = (x.double() - bn.running_mean.double()) / (bn.running_var.double() + bn.eps).sqrt()
+    torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=0)
+
+
+def test_running_update_guard_and_cumulative_average():
+    bn = nl.BatchNorm2d(3, momentum=None)
+    x = torch.randn(4, 3, 2, 2)
+    bn(x)
+    bn(x * 2 + 1)
+    want_var = (x.var((0, 2, 3)) + (x * 2 + 1).var((0, 2, 3))) / 2
+    torch.testing.assert_close(bn.running_var, want_var)
+    assert int(bn.num_batches_tracked) == 2
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        bn(torch.full((4, 3, 2, 2), float("inf")))
+        bn.eval()
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == 2 and int(bn.num_skipped_updates) == 1
+
+
+def test_cumulative_average_needs_the_counter():
+    x = torch.randn(4, 3)
+    call = spec.call("batch", x.shape, 1e-5)
+    running = spec.Running(torch.zeros(3), torch.ones(3), None)
+    with pytest.raises(RuntimeError, match="momentum=None .* needs num_batches_tracked"):
+        native.norm(x, None, None, call, None, running)
+
+
+def test_what_it_refuses():
+    call = spec.call("batch", (4, 3), 1e-5)
+    x = torch.randn(4, 3)
+    assert native.supports(x, call)
+    assert not native.supports(x.bfloat16(), call)
+    assert not native.supports(x[:0], call)
+    assert not native.supports(x, call, w=torch.ones(3, dtype=torch.float64))  # weight in another dtype
+    assert not native.supports(x, call, w=torch.ones(6)[::2])  # a strided weight
+
+
+def test_without_a_build_the_other_paths_run(monkeypatch):
+    """Where the extension cannot be built: one warning naming the cause, available() False, and auto's other
+    CPU paths give the same results."""
+    from torch.utils import cpp_extension
+
+    native._extension.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: (_ for _ in ()).throw(OSError("no compiler here")))
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built .*no compiler here"):
+            assert not native.available()
+        monkeypatch.setenv("NORMLAB_BACKEND", "auto")
+        x = torch.randn(6, 5)
+        call = spec.call("batch", x.shape, 1e-5)
+        assert backend.graph_path(x, None, None, call) is not native
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = F.batch_norm(x, None, None, training=True)
+        torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+    finally:
+        native._extension.cache_clear()
