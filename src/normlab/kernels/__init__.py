@@ -65,12 +65,14 @@ def _rows(p: Plan) -> bool:
 def _stat32(t: torch.Tensor, p: Plan) -> torch.Tensor:
     """A statistic as the kernels read it: the ``p.stat_shape`` values, flat, contiguous float32 (a ``(C,)`` one
     given for per-sample statistics, as instance norm's running buffers, repeated for every sample)."""
+    if t.dtype == torch.float32 and t.numel() == p.stat_shape[0] * p.G:  # the forward's own: a view, no op
+        return t.reshape(-1)
     t = t.to(torch.float32).reshape(-1, p.G)
     return t.expand(p.stat_shape).contiguous().reshape(-1)
 
 
 def _activation(call: Call) -> launch.Activation:
-    return launch.Activation(call.activation, call.negative_slope, act_first=call.placement == "after")
+    return launch.activation_of(call.activation, call.negative_slope, call.placement == "after")
 
 
 def forward(x, w, b, call: Call, stats=None, running: Running | None = None):

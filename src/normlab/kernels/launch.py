@@ -54,12 +54,19 @@ class Activation:
     slope: float = LEAKY_SLOPE  # leaky_relu's negative slope
     act_first: bool = False  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
 
+    @functools.cached_property
     def args(self) -> dict:
-        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST``."""
+        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST`` (built once per activation)."""
         return {"ACT": self.name, "SLOPE": float(self.slope), "ACT_FIRST": self.act_first and self.name is not None}
 
 
 NO_ACTIVATION = Activation()
+
+
+@functools.lru_cache(maxsize=256)
+def activation_of(name: Optional[str], slope: float, act_first: bool) -> Activation:
+    """The :class:`Activation` of these arguments, built once (a training loop meets a handful)."""
+    return Activation(name, slope, act_first)
 
 
 def device_guard(device: torch.device):
@@ -95,12 +102,12 @@ class _Geometry:
     pool_batch: bool  # one statistic per group over the whole batch, else per sample
     m: int  # values per statistic
 
-    @property
+    @functools.cached_property
     def out(self) -> int:
         """Output rows of the reductions: one per sample, or one for the whole batch."""
         return 1 if self.pool_batch else self.N
 
-    @property
+    @functools.cached_property
     def S(self) -> int:
         """Number of statistics."""
         return self.out * self.G
@@ -182,15 +189,15 @@ class _Plan:
     bpp: int  # row blocks per tile
     grid_c: int  # cdiv(C, BLOCK_C): the grids' second dimension
 
-    @property
+    @functools.cached_property
     def counters(self) -> int:
         """Ticket counters the reductions use: one per merge unit (grid column, or output row when a group spans
         columns) and one more for the second-level merge."""
         return max(self.g.out, 1) * self.grid_c + 1
 
-    @property
+    @functools.cached_property
     def fwd(self) -> dict:
-        """The launch options of the tile kernels."""
+        """The launch options of the tile kernels (built once per plan)."""
         return {"BLOCK_C": self.block_c, "BLOCK_R": self.block_r, "num_warps": self.warps}
 
 
@@ -228,7 +235,9 @@ def _like(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _vec(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A flat contiguous vector, or a placeholder pointer for an absent one (never read)."""
-    return like if t is None else t.reshape(-1).contiguous()
+    if t is None:
+        return like
+    return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
 
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
@@ -271,7 +280,7 @@ def _apply(x, w, b, mean, var, rstd, lp: _Plan, eps: float, act: Activation, sha
     norm._apply_kernel[(g.N * lp.nrb, lp.grid_c)](
         x, y, _vec(w, mean), _vec(b, mean), mean, mean if var is None else var, rstd, eps,
         g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
-        **act.args(), POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None,
+        **act.args, POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None,
         USE_INPUT_STATS=var is None, SHARED_STATS=shared, **lp.fwd,
     )  # fmt: skip
     return y
@@ -304,7 +313,7 @@ def norm_fwd(
     norm._stats_kernel[(g.out * T, lp.grid_c)](
         x, part, mean, var, rstd, _counters(lp.counters, dev), *rargs[:4], eps, *rargs[4:],
         g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, lp.bpp,
-        **act.args(), CHANNEL_STATS=K == 1, **rflags, BLOCK_S=mb, BLOCK_J=mb, **lp.fwd,
+        **act.args, CHANNEL_STATS=K == 1, **rflags, BLOCK_S=mb, BLOCK_J=mb, **lp.fwd,
     )  # fmt: skip
     return _apply(x, w, b, mean, None, rstd, lp, eps, act), mean, rstd, var
 
@@ -376,13 +385,13 @@ def norm_bwd(
         norm._grad_stats_kernel[(g.out * T, lp.grid_c)](
             dy, x, w_, b_, mean, rstd, part, q, dw if w is not None else part, db if b is not None else part, coef,
             _counters(lp.counters, dev), 1.0 / g.m, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T,
-            g.out, lp.bpp, **act.args(), **flags, CHANNEL_STATS=K == 1, COEF=need_coef,
+            g.out, lp.bpp, **act.args, **flags, CHANNEL_STATS=K == 1, COEF=need_coef,
             BLOCK_T=mb, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)), **lp.fwd,
         )  # fmt: skip
     if need_dx:
         norm._dx_kernel[(g.N * lp.nrb, lp.grid_c)](
             dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
-            **act.args(), **flags, USE_INPUT_STATS=use_input_stats, **lp.fwd,
+            **act.args, **flags, USE_INPUT_STATS=use_input_stats, **lp.fwd,
         )  # fmt: skip
     return dx, dw, db
 
@@ -445,7 +454,7 @@ def layer_fwd(
     rp = row_plan_of(N, K, x.device)
     norm._layer_fwd_kernel[(_cdiv(N, rp.block_n),)](
         xc, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps, N, K,
-        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
+        **act.args, HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
         SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     return y, mean, rstd, var
@@ -477,13 +486,15 @@ def layer_bwd(
     w_, b_ = _vec(w, mean), _vec(b, mean)
     norm._layer_bwd_kernel[(P,)](
         dyc, xc, xc if dx is None else dx, w_, b_, mean, rstd, part, N, K, rp.bpp,
-        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
+        **act.args, HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
         NEED_DX=need_dx, SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     if w is not None or b is not None:
         mb = TUNING.merge_block
-        norm._layer_grad_merge_kernel[(_cdiv(K, 4 * mb),)](
+        # 64 columns a program (256 bytes of each partial row): K / 64 programs share the 2 P K floats, e.g. 64
+        # for K = 4096 (16 with 256 columns a program)
+        norm._layer_grad_merge_kernel[(_cdiv(K, mb),)](
             part, dw if w is not None else part, db if b is not None else part, P, K,
-            HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=4 * mb, BLOCK_P=mb,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=mb, BLOCK_P=mb,
         )  # fmt: skip
     return dx, dw, db
