@@ -10,9 +10,12 @@ with ``ACT_FIRST``: the activation comes first and the norm after it, ``placemen
 
     forward   per tile t:    count_t, mean_t, m2_t of a - shift          (exact two-pass in registers; shift = one
                                                                            value of the statistic, read by all)
-              per statistic:  mean, m2 = Chan-merge of its tiles in index order; mean += shift, var = m2 / count
-              per element:    xhat = (a - mean) * rstd,  rstd = 1 / sqrt(var + eps) (stored once per statistic)
-                              z = xhat * w + b,  y = f(z) (not ACT_FIRST) or z
+              per statistic:  mean, m2 = Chan-merge of its tiles in index order; mean += shift, var = m2 / count,
+                              rstd = 1 / sqrt(var + eps)
+              running:        unless a value is not finite: running = lerp(running, batch, factor), batch the
+                              mean and var * m / (m - 1) (averaged over the OUT rows), factor = momentum or
+                              1 / num_batches_tracked; else num_skipped += 1
+              per element:    xhat = (a - mean) * rstd,  z = xhat * w + b,  y = f(z) (not ACT_FIRST) or z
     backward  per element:    dz = dy * f'(z) (not ACT_FIRST; z recomputed) or dy
               per tile t:     sdz_t = Σ dz,  sdzx_t = Σ dz * xhat        (per channel)
               per channel:    db = Σ_t sdz_t,  dw = Σ_t sdzx_t            (fixed order)
@@ -20,8 +23,11 @@ with ``ACT_FIRST``: the activation comes first and the norm after it, ``placemen
               per element:    da = rstd * (dz * w - c1 - xhat * c2)       (USE_INPUT_STATS; else rstd * dz * w)
                               dx = da * f'(x) (ACT_FIRST) or da
 
-All accumulation is float32. Every sum runs in a fixed order over a fixed tiling and no kernel uses atomics, so
-two runs give bit-identical results. The variance is never ``E[x^2] - E[x]^2``: each tile keeps its exact mean
+The per-tile and per-statistic lines of each direction are one launch (_stats_kernel, _grad_stats_kernel): the
+last program to finish merges (see _last), so a training step is 4 launches with the element-wise ones
+(_apply_kernel, _dx_kernel). All accumulation is float32. Every sum runs in a fixed order over a fixed tiling;
+atomics only hand out the tickets that say which program merges, so two runs, and any order in which programs
+finish, give bit-identical results. The variance is never ``E[x^2] - E[x]^2``: each tile keeps its exact mean
 and sum of squared deviations ``m2``, merged by Chan's formula.
 """
 
