@@ -330,3 +330,23 @@ def test_cumulative_average_needs_num_batches_tracked():
     running = spec.Running(torch.zeros(3), torch.ones(3), None)
     with pytest.raises(ValueError, match="num_batches_tracked"):
         kernels.forward(torch.randn(p.shape), None, None, _call(p, 1e-5), None, running)
+
+
+@pytest.mark.parametrize("kind,shape,groups", [("group", (3, 6, 5), 2), ("layer", (3, 4, 5), None)])
+def test_running_buffers_of_other_plans(monkeypatch, kind, shape, groups):
+    """Plans whose statistics are not per channel (no norm of normlab gives them running buffers) still honour
+    the contract when called with some: the torch ops' update, as the torch path does."""
+    monkeypatch.setattr(launch, "TUNING", TINY)
+    p = plan(kind, shape, groups=groups, normalized_ndim=1 if kind == "layer" else None)
+    x = torch.randn(shape)
+
+    def buffers():
+        n = p.G if kind == "group" else 1
+        return spec.Running(torch.zeros(n), torch.ones(n), 0.1, torch.zeros((), dtype=torch.long))
+
+    ours, expected = buffers(), buffers()
+    _, mean, _, var = kernels.forward(x, None, None, _call(p, 1e-5), None, ours)
+    torch_ops.update_running_stats(expected, mean, var, p.m)
+    assert int(ours.num_batches_tracked) == 1
+    for a, c in zip(ours[:2], expected[:2]):
+        assert torch.equal(a, c)

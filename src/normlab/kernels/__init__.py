@@ -84,19 +84,23 @@ def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
     if call.use_input_stats != (stats is None):
         need = "stats=None" if call.use_input_stats else "stats=(mean, var)"
         raise ValueError(f"use_input_stats={call.use_input_stats} needs {need}")
+    # the statistics launch folds per-channel statistics (K = 1: batch and instance norm, the norms with running
+    # buffers) into the running buffers itself; any other plan given buffers takes the torch ops' update after it
+    fused = running if (p.K == 1 and not _rows(p)) else None
     if _rows(p):
         given = None if call.use_input_stats else (_stat32(stats[0], p), _stat32(stats[1], p))
         y, mean, rstd, var = launch.layer_fwd(x, w, b, p.N, p.K, call.eps, act, given)
-        if given is None and running is not None:  # no norm on this path keeps running statistics
-            update_running_stats(running, mean.reshape(p.stat_shape), var.reshape(p.stat_shape), p.m)
     elif call.use_input_stats:
-        y, mean, rstd, var = launch.norm_fwd(x, w, b, p.G, p.K, p.pool_batch, call.eps, act, running)
+        y, mean, rstd, var = launch.norm_fwd(x, w, b, p.G, p.K, p.pool_batch, call.eps, act, fused)
     else:  # the given statistics as they are (flat views, any float dtype): no copy, one launch
         y, rstd = launch.norm_apply(x, w, b, stats[0].reshape(-1), stats[1].reshape(-1), p.G, p.K, p.pool_batch,
                                     call.eps, act)  # fmt: skip
     if not call.use_input_stats:
         return y, stats[0], rstd.reshape(p.stat_shape), stats[1]
-    return y, mean.reshape(p.stat_shape), rstd.reshape(p.stat_shape), var.reshape(p.stat_shape)
+    mean, var = mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
+    if running is not None and fused is None:
+        update_running_stats(running, mean, var, p.m)
+    return y, mean, rstd.reshape(p.stat_shape), var
 
 
 def backward(dy, x, w, b, mean, rstd, call: Call, need_dx: bool = True):
