@@ -23,7 +23,7 @@ def _signature(kernel, pointers: dict, constexprs: dict) -> tuple[dict, dict]:
         elif name.endswith("_ptr"):
             sig[name] = pointers.get(name, "*fp32")
         else:
-            sig[name] = "fp32" if name in ("eps", "inv_m") else "i32"
+            sig[name] = "fp32" if name in ("eps", "inv_m", "momentum", "unbias") else "i32"
     return sig, consts
 
 
@@ -36,15 +36,17 @@ def cases():
         ("leaky_relu", 0.2, True, False, False),
     ):
         a = dict(ACT=act, SLOPE=slope, ACT_FIRST=act_first)
-        yield norm._stats_partial_kernel, {"x_ptr": "*bf16"}, dict(a, BLOCK_C=16, BLOCK_R=256)
-        yield norm._stats_merge_kernel, {"x_ptr": "*bf16"}, dict(a, POOL_BATCH=pool_batch, BLOCK_S=64, BLOCK_J=64)
+        counts = {"lock_ptr": "*i32", "nbt_ptr": "*i64", "skip_ptr": "*i64"}
+        yield (norm._stats_kernel, {"x_ptr": "*bf16", "rm_ptr": "*bf16", "rv_ptr": "*bf16", **counts},
+               dict(a, CHANNEL_STATS=pool_batch or act_first, RUNNING=pool_batch, CUMULATIVE=act_first,
+                    HAS_NBT=act_first, HAS_SKIP=pool_batch, BLOCK_C=16, BLOCK_R=256, BLOCK_S=64,
+                    BLOCK_J=64))  # fmt: skip
         yield (norm._apply_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*bf16"},
-               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=True, BLOCK_C=16, BLOCK_R=256))  # fmt: skip
-        yield (norm._grad_partial_kernel, {"x_ptr": "*fp16", "dy_ptr": "*fp16"},
-               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=not pool_batch, BLOCK_C=64, BLOCK_R=64))  # fmt: skip
-        yield (norm._grad_merge_channels_kernel, {"dw_ptr": "*bf16"},
-               dict(HAS_W=True, HAS_B=not pool_batch, BLOCK_C=64, BLOCK_T=64))  # fmt: skip
-        yield norm._grad_merge_stats_kernel, {}, dict(HAS_W=not pool_batch, BLOCK_S=64, BLOCK_K=8)
+               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not act_first,
+                    SHARED_STATS=act_first and not pool_batch, BLOCK_C=16, BLOCK_R=256))  # fmt: skip
+        yield (norm._grad_stats_kernel, {"x_ptr": "*fp16", "dy_ptr": "*fp16", "dw_ptr": "*bf16", "lock_ptr": "*i32"},
+               dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=not pool_batch, CHANNEL_STATS=pool_batch,
+                    COEF=need_dx, BLOCK_C=64, BLOCK_R=64, BLOCK_T=64, BLOCK_S=64, BLOCK_K=8))  # fmt: skip
         yield (norm._dx_kernel, {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dx_ptr": "*bf16"},
                dict(a, POOL_BATCH=pool_batch, HAS_W=True, HAS_B=True, USE_INPUT_STATS=not act_first, BLOCK_C=128,
                     BLOCK_R=32))  # fmt: skip

@@ -539,7 +539,7 @@ def test_compiles_for_sm90():
     script = Path(__file__).with_name("aot_compile.py")
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "compiled 40 of 40" in run.stdout
+    assert "compiled 28 of 28" in run.stdout
 
 
 def _meta(shape, channels_last=False):

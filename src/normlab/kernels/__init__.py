@@ -65,12 +65,14 @@ def _rows(p: Plan) -> bool:
 def _stat32(t: torch.Tensor, p: Plan) -> torch.Tensor:
     """A statistic as the kernels read it: the ``p.stat_shape`` values, flat, contiguous float32 (a ``(C,)`` one
     given for per-sample statistics, as instance norm's running buffers, repeated for every sample)."""
+    if t.dtype == torch.float32 and t.numel() == p.stat_shape[0] * p.G:  # the forward's own: a view, no op
+        return t.reshape(-1)
     t = t.to(torch.float32).reshape(-1, p.G)
     return t.expand(p.stat_shape).contiguous().reshape(-1)
 
 
 def _activation(call: Call) -> launch.Activation:
-    return launch.Activation(call.activation, call.negative_slope, act_first=call.placement == "after")
+    return launch.activation_of(call.activation, call.negative_slope, call.placement == "after")
 
 
 def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
@@ -82,18 +84,21 @@ def forward(x, w, b, call: Call, stats=None, running: Running | None = None):
     if call.use_input_stats != (stats is None):
         need = "stats=None" if call.use_input_stats else "stats=(mean, var)"
         raise ValueError(f"use_input_stats={call.use_input_stats} needs {need}")
-    given = None if call.use_input_stats else (_stat32(stats[0], p), _stat32(stats[1], p))
+    # the statistics launch folds per-channel statistics (K = 1: batch and instance norm, the norms with running
+    # buffers) into the running buffers itself; any other plan given buffers takes the torch ops' update after it
+    fused = running if (p.K == 1 and not _rows(p)) else None
     if _rows(p):
+        given = None if call.use_input_stats else (_stat32(stats[0], p), _stat32(stats[1], p))
         y, mean, rstd, var = launch.layer_fwd(x, w, b, p.N, p.K, call.eps, act, given)
-    elif given is None:
-        y, mean, rstd, var = launch.norm_fwd(x, w, b, p.G, p.K, p.pool_batch, call.eps, act)
-    else:
-        mean, var = given
-        y, rstd = launch.norm_apply(x, w, b, mean, var, p.G, p.K, p.pool_batch, call.eps, act)
-    if given is not None:
+    elif call.use_input_stats:
+        y, mean, rstd, var = launch.norm_fwd(x, w, b, p.G, p.K, p.pool_batch, call.eps, act, fused)
+    else:  # the given statistics as they are (flat views, any float dtype): no copy, one launch
+        y, rstd = launch.norm_apply(x, w, b, stats[0].reshape(-1), stats[1].reshape(-1), p.G, p.K, p.pool_batch,
+                                    call.eps, act)  # fmt: skip
+    if not call.use_input_stats:
         return y, stats[0], rstd.reshape(p.stat_shape), stats[1]
     mean, var = mean.reshape(p.stat_shape), var.reshape(p.stat_shape)
-    if running is not None:
+    if running is not None and fused is None:
         update_running_stats(running, mean, var, p.m)
     return y, mean, rstd.reshape(p.stat_shape), var
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from normlab.kernels import norm
-from normlab.spec import LEAKY_SLOPE
+from normlab.spec import LEAKY_SLOPE, Running
 from normlab.torch_ops import is_channels_last
 
 
@@ -54,12 +54,19 @@ class Activation:
     slope: float = LEAKY_SLOPE  # leaky_relu's negative slope
     act_first: bool = False  # the activation comes first, y = norm(f(x)) (placement="after"); else y = f(norm(x))
 
+    @functools.cached_property
     def args(self) -> dict:
-        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST``."""
+        """The kernels' ``ACT``, ``SLOPE`` and ``ACT_FIRST`` (built once per activation)."""
         return {"ACT": self.name, "SLOPE": float(self.slope), "ACT_FIRST": self.act_first and self.name is not None}
 
 
 NO_ACTIVATION = Activation()
+
+
+@functools.lru_cache(maxsize=256)
+def activation_of(name: Optional[str], slope: float, act_first: bool) -> Activation:
+    """The :class:`Activation` of these arguments, built once (a training loop meets a handful)."""
+    return Activation(name, slope, act_first)
 
 
 def device_guard(device: torch.device):
@@ -95,12 +102,12 @@ class _Geometry:
     pool_batch: bool  # one statistic per group over the whole batch, else per sample
     m: int  # values per statistic
 
-    @property
+    @functools.cached_property
     def out(self) -> int:
         """Output rows of the reductions: one per sample, or one for the whole batch."""
         return 1 if self.pool_batch else self.N
 
-    @property
+    @functools.cached_property
     def S(self) -> int:
         """Number of statistics."""
         return self.out * self.G
@@ -182,9 +189,15 @@ class _Plan:
     bpp: int  # row blocks per tile
     grid_c: int  # cdiv(C, BLOCK_C): the grids' second dimension
 
-    @property
+    @functools.cached_property
+    def counters(self) -> int:
+        """Ticket counters the reductions use: one per merge unit (grid column, or output row when a group spans
+        columns) and one more for the second-level merge."""
+        return max(self.g.out, 1) * self.grid_c + 1
+
+    @functools.cached_property
     def fwd(self) -> dict:
-        """The launch options of the tile kernels."""
+        """The launch options of the tile kernels (built once per plan)."""
         return {"BLOCK_C": self.block_c, "BLOCK_R": self.block_r, "num_warps": self.warps}
 
 
@@ -222,36 +235,55 @@ def _like(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _vec(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A flat contiguous vector, or a placeholder pointer for an absent one (never read)."""
-    return like if t is None else t.reshape(-1).contiguous()
+    if t is None:
+        return like
+    return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
 
 
-def _reduce_stats(x: torch.Tensor, lp: _Plan, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    g, T = lp.g, lp.T
-    part = _scratch((3, g.out, g.C, T), x.device)
-    norm._stats_partial_kernel[(g.out * T, lp.grid_c)](
-        x, part, g.C, g.R, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, g.K, lp.bpp, **act.args(), **lp.fwd,
-    )  # fmt: skip
-    mean = _scratch((g.S,), x.device)
-    var = _scratch((g.S,), x.device)
-    mb = TUNING.merge_block
-    norm._stats_merge_kernel[(_cdiv(g.S, mb),)](
-        part, x, mean, var, g.S, g.K * T, g.G, g.K, g.s_n, g.s_c,
-        **act.args(), POOL_BATCH=g.pool_batch, BLOCK_S=mb, BLOCK_J=mb,
-    )  # fmt: skip
-    return mean, var
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
 
-def _apply(x, w, b, mean, var, lp: _Plan, eps: float, act: Activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)``: x normalized with the flat float32 ``mean`` and ``var``, and ``1 / sqrt(var + eps)``."""
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` int32 counters at 0 on ``device``, for the kernels' "last program merges" tickets: every
+    launch leaves them at 0 again, so they are zeroed once, when first allocated (a device op, on the first step
+    only). One set per device; a larger set, when needed, is added and the smaller kept alive (a captured CUDA
+    graph may hold its address). Launches on one device run one at a time (one stream): concurrent streams would
+    share the counters."""
+    held = _COUNTERS.get(device)
+    if held is None or held[-1].numel() < n:
+        held = _COUNTERS.setdefault(device, [])
+        held.append(torch.zeros(max(n, 1024, 2 * held[-1].numel() if held else 0), device=device, dtype=torch.int32))
+    return held[-1]
+
+
+def _running_args(running: Optional[Running], m: int, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """The running update's arguments of ``norm._stats_kernel``: ``(rm, rv, nbt, skip, momentum, unbias)``
+    and the constexprs (``running`` None: placeholders, never read)."""
+    if running is None:
+        return (dummy, dummy, dummy, dummy, 0.0, 1.0), dict(RUNNING=False, CUMULATIVE=False, HAS_NBT=False,
+                                                             HAS_SKIP=False)  # fmt: skip
+    nbt, skip = running.num_batches_tracked, running.num_skipped
+    if running.momentum is None and nbt is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    args = (running.mean, running.var, dummy if nbt is None else nbt, dummy if skip is None else skip,
+            0.0 if running.momentum is None else float(running.momentum), m / max(m - 1, 1))  # fmt: skip
+    flags = dict(RUNNING=True, CUMULATIVE=running.momentum is None, HAS_NBT=nbt is not None, HAS_SKIP=skip is not None)
+    return args, flags
+
+
+def _apply(x, w, b, mean, var, rstd, lp: _Plan, eps: float, act: Activation, shared: bool = False) -> torch.Tensor:
+    """y: x normalized with the flat ``mean`` and ``rstd`` of :func:`norm._stats_kernel` (``var`` None), or with
+    the given ``mean`` and ``var`` (then ``rstd = 1 / sqrt(var + eps)`` is written into ``rstd``); ``shared``: the
+    given statistics hold one value per group, for every sample."""
     y = torch.empty_like(x)
-    rstd = torch.empty_like(var)
     g = lp.g
     norm._apply_kernel[(g.N * lp.nrb, lp.grid_c)](
-        x, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps,
+        x, y, _vec(w, mean), _vec(b, mean), mean, mean if var is None else var, rstd, eps,
         g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
-        **act.args(), POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None, **lp.fwd,
+        **act.args, POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None,
+        USE_INPUT_STATS=var is None, SHARED_STATS=shared, **lp.fwd,
     )  # fmt: skip
-    return y, rstd
+    return y
 
 
 @_on_device_of(0)
@@ -264,13 +296,26 @@ def norm_fwd(
     pool_batch: bool,
     eps: float,
     act: Activation = NO_ACTIVATION,
+    running: Optional[Running] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward: ``(y, mean, rstd, var)`` with the input's own statistics (flat, float32)."""
+    """Training forward: ``(y, mean, rstd, var)`` with the input's own statistics (flat, float32), in two
+    launches (:func:`norm._stats_kernel`, :func:`norm._apply_kernel`). ``running``: buffers that take the
+    statistics, in the first launch (per-channel statistics only, ``K == 1``: batch and instance norm)."""
     x, cl = _canonical(x)
     lp = plan_of(x, G, K, pool_batch, cl)
-    mean, var = _reduce_stats(x, lp, act)
-    y, rstd = _apply(x, w, b, mean, var, lp, eps, act)
-    return y, mean, rstd, var
+    g, T, dev = lp.g, lp.T, x.device
+    if running is not None and K != 1:
+        raise ValueError(f"running statistics need one statistic per channel (K = 1), got K = {K}")
+    part = _scratch((3, g.out, g.C, T), dev)
+    mean, var, rstd = _scratch((g.S,), dev), _scratch((g.S,), dev), _scratch((g.S,), dev)
+    rargs, rflags = _running_args(running, g.m, mean)
+    mb = TUNING.merge_block
+    norm._stats_kernel[(g.out * T, lp.grid_c)](
+        x, part, mean, var, rstd, _counters(lp.counters, dev), *rargs[:4], eps, *rargs[4:],
+        g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, lp.bpp,
+        **act.args, CHANNEL_STATS=K == 1, **rflags, BLOCK_S=mb, BLOCK_J=mb, **lp.fwd,
+    )  # fmt: skip
+    return _apply(x, w, b, mean, None, rstd, lp, eps, act), mean, rstd, var
 
 
 @_on_device_of(0)
@@ -286,10 +331,13 @@ def norm_apply(
     eps: float,
     act: Activation = NO_ACTIVATION,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval forward: ``(y, rstd)``, y normalized with the given float32 ``mean`` and ``var`` (flat, one per
-    statistic), ``rstd = 1 / sqrt(var + eps)``."""
+    """Eval forward, one launch: ``(y, rstd)``, y normalized with the given ``mean`` and ``var`` (flat, any float
+    dtype: one per statistic, or one per group for every sample), ``rstd = 1 / sqrt(var + eps)`` flat float32,
+    one per statistic."""
     x, cl = _canonical(x)
-    return _apply(x, w, b, mean, var, plan_of(x, G, K, pool_batch, cl), eps, act)
+    lp = plan_of(x, G, K, pool_batch, cl)
+    rstd = _scratch((lp.g.S,), x.device)
+    return _apply(x, w, b, mean, var, rstd, lp, eps, act, shared=mean.numel() != lp.g.S), rstd
 
 
 def _grad_buffers(x, w, b, need_dx: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -316,37 +364,35 @@ def norm_bwd(
     need_dx: bool = True,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Backward: ``(dx, dw, db)``; dx None unless ``need_dx``; dw and db are empty when w or b is None (flat, in
-    w's and b's dtype). ``use_input_stats``: mean and rstd were the input's own and carry gradient."""
+    w's and b's dtype). ``use_input_stats``: mean and rstd were the input's own and carry gradient. Two launches
+    (:func:`norm._grad_stats_kernel`: dw, db, c1, c2; :func:`norm._dx_kernel`); one when only dx or only dw, db
+    is needed."""
     x, cl = _canonical(x)
     dy = _like(dy, cl)
     lp = plan_of(x, G, K, pool_batch, cl)
     g, T, dev = lp.g, lp.T, x.device
     flags = dict(POOL_BATCH=g.pool_batch, HAS_W=w is not None, HAS_B=b is not None)
     w_, b_ = _vec(w, mean), _vec(b, mean)
-    part = _scratch((2, g.out, g.C, T), dev)
-    norm._grad_partial_kernel[(g.out * T, lp.grid_c)](
-        dy, x, w_, b_, mean, rstd, part, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T, g.out, lp.bpp,
-        **act.args(), **flags, **lp.fwd,
-    )  # fmt: skip
-    q = _scratch((2, g.out, g.C), dev)
     dx, dw, db = _grad_buffers(x, w, b, need_dx)
-    mb = TUNING.merge_block
-    norm._grad_merge_channels_kernel[(_cdiv(g.C, mb),)](
-        part, q, dw if w is not None else q, db if b is not None else q, g.C, T, g.out,
-        HAS_W=w is not None, HAS_B=b is not None, BLOCK_C=mb, BLOCK_T=mb,
-    )  # fmt: skip
-    if not need_dx:
-        return dx, dw, db
     coef = mean  # placeholder pointer: never read without the input's own statistics
-    if use_input_stats:
-        coef = _scratch((2, g.S), dev)
-        norm._grad_merge_stats_kernel[(_cdiv(g.S, mb),)](
-            q, w_, coef, g.S, g.G, g.K, 1.0 / g.m, HAS_W=w is not None, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)),
+    need_coef = need_dx and use_input_stats
+    if need_coef or w is not None or b is not None:
+        part = _scratch((2, g.out, g.C, T), dev)
+        q = _scratch((2, g.out, g.C), dev) if need_coef and K != 1 else part  # else a placeholder
+        if need_coef:
+            coef = _scratch((2, g.S), dev)
+        mb = TUNING.merge_block
+        norm._grad_stats_kernel[(g.out * T, lp.grid_c)](
+            dy, x, w_, b_, mean, rstd, part, q, dw if w is not None else part, db if b is not None else part, coef,
+            _counters(lp.counters, dev), 1.0 / g.m, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb, lp.lim, T,
+            g.out, lp.bpp, **act.args, **flags, CHANNEL_STATS=K == 1, COEF=need_coef,
+            BLOCK_T=mb, BLOCK_S=mb, BLOCK_K=min(mb, _pow2(g.K)), **lp.fwd,
         )  # fmt: skip
-    norm._dx_kernel[(g.N * lp.nrb, lp.grid_c)](
-        dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
-        **act.args(), **flags, USE_INPUT_STATS=use_input_stats, **lp.fwd,
-    )  # fmt: skip
+    if need_dx:
+        norm._dx_kernel[(g.N * lp.nrb, lp.grid_c)](
+            dy, x, dx, w_, b_, mean, rstd, coef, g.S, g.C, g.R, g.G, g.K, g.s_n, g.s_c, g.s_r, lp.nrb,
+            **act.args, **flags, USE_INPUT_STATS=use_input_stats, **lp.fwd,
+        )  # fmt: skip
     return dx, dw, db
 
 
@@ -408,7 +454,7 @@ def layer_fwd(
     rp = row_plan_of(N, K, x.device)
     norm._layer_fwd_kernel[(_cdiv(N, rp.block_n),)](
         xc, y, _vec(w, mean), _vec(b, mean), mean, var, rstd, eps, N, K,
-        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
+        **act.args, HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
         SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     return y, mean, rstd, var
@@ -440,13 +486,15 @@ def layer_bwd(
     w_, b_ = _vec(w, mean), _vec(b, mean)
     norm._layer_bwd_kernel[(P,)](
         dyc, xc, xc if dx is None else dx, w_, b_, mean, rstd, part, N, K, rp.bpp,
-        **act.args(), HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
+        **act.args, HAS_W=w is not None, HAS_B=b is not None, USE_INPUT_STATS=use_input_stats,
         NEED_DX=need_dx, SINGLE=rp.single, BLOCK_N=rp.block_n, BLOCK_K=rp.block_k, num_warps=rp.warps,
     )  # fmt: skip
     if w is not None or b is not None:
         mb = TUNING.merge_block
-        norm._layer_grad_merge_kernel[(_cdiv(K, 4 * mb),)](
+        # 64 columns a program (256 bytes of each partial row): K / 64 programs share the 2 P K floats, e.g. 64
+        # for K = 4096 (16 with 256 columns a program)
+        norm._layer_grad_merge_kernel[(_cdiv(K, mb),)](
             part, dw if w is not None else part, db if b is not None else part, P, K,
-            HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=4 * mb, BLOCK_P=mb,
+            HAS_W=w is not None, HAS_B=b is not None, BLOCK_K=mb, BLOCK_P=mb,
         )  # fmt: skip
     return dx, dw, db
