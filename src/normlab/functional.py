@@ -364,8 +364,11 @@ def _running_stats_call(kind, input, use_input_stats, momentum, eps, activation,
     _check_tensor(input)
     spec.check_momentum(momentum)
     call = _call(kind, input.shape, eps, activation, placement, negative_slope, use_input_stats)
-    _per_channel(input, call.plan, ("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
-                 ("bias", bias))
+    c = (call.plan.affine_size,)
+    for t in (running_mean, running_var, weight, bias):  # the cheap test on every call; the message on failure
+        if t is not None and t.shape != c:
+            _per_channel(input, call.plan, ("running_mean", running_mean), ("running_var", running_var),
+                         ("weight", weight), ("bias", bias))
     return call
 
 

@@ -123,17 +123,16 @@ def supports(x: torch.Tensor, call: Call, w=None, b=None, stats=None, running: R
     float32/float64 CPU tensors; running buffers only for per-channel statistics (batch and instance norm). Read on
     every call: the cheap tests only."""
     dtype = x.dtype
-    if not (x.is_cpu and (dtype is torch.float32 or dtype is torch.float64) and x.layout is torch.strided
-            and x.numel()):
+    if dtype not in _DTYPES or not x.is_cpu or x.layout is not torch.strided or not x.numel():
         return False
     for t in (w, b) if stats is None else (w, b, *stats):
-        if t is not None and not (t.dtype is dtype and t.is_cpu and t.is_contiguous()):
+        if t is not None and (t.dtype is not dtype or not t.is_cpu or not t.is_contiguous()):
             return False
-    if running is not None:
-        rm, rv = running.mean, running.var
-        return (call.plan.K == 1 and rm.dtype in _DTYPES and rv.dtype is rm.dtype and rm.is_cpu and rv.is_cpu
-                and rm.is_contiguous() and rv.is_contiguous())
-    return True
+    if running is None:
+        return True
+    rm, rv = running.mean, running.var
+    return (call.plan.K == 1 and rm.dtype in _DTYPES and rv.dtype is rm.dtype and rm.is_cpu and rv.is_cpu
+            and rm.is_contiguous() and rv.is_contiguous())
 
 
 def norm(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None) -> torch.Tensor:

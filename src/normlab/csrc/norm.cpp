@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -63,6 +64,14 @@ inline double act_grad(double v, double slope) {
   else if constexpr (A == SILU) { const double s = 1.0 / (1.0 + std::exp(-v)); return s * (1.0 + v * (1.0 - s)); }
   else if constexpr (A == GELU) return 0.5 * (1.0 + std::erf(v * kInvSqrt2)) + v * std::exp(-0.5 * v * v) * kInvSqrt2Pi;
   else return 1.0;
+}
+
+// relu and leaky_relu in float32 lanes (the float32 apply; the transcendental ones stay float64)
+template <int A>
+inline float act_fn_f(float v, float slope) {
+  if constexpr (A == RELU) return std::max(v, 0.0f);
+  else if constexpr (A == LEAKY_RELU) return std::max(v, 0.0f) + slope * std::min(v, 0.0f);
+  else return v;
 }
 
 // Calls fn(std::integral_constant<int, act>) for a run-time act.
@@ -147,21 +156,39 @@ inline void row_sums(const T* __restrict x, int64_t n, const double* __restrict 
   }
 }
 
-// y = f((x - mu) * sc + bc), one statistic and channel for the run
+// y = f((x - mu) * sc + bc), one statistic and channel for the run. float32 runs in float32 lanes (twice as many):
+// the float64 mean as a sum of two floats, mu = hi + lo, so that x - hi - lo keeps the digits x - mu has (x - hi is
+// exact when x is near the mean, the case where they matter), then one rounding per operation, as torch's apply.
 template <typename T, int A>
 inline void run_apply(const T* __restrict x, T* __restrict y, int64_t n, double mu, double sc, double bc,
                       double slope) {
+  if constexpr (std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU) {
+    const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), s = static_cast<float>(sc);
+    const float c = static_cast<float>(bc), sl = static_cast<float>(slope);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu) * sc + bc, slope));
+    for (int64_t i = 0; i < n; ++i) y[i] = act_fn_f<A>((x[i] - hi - lo) * s + c, sl);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu) * sc + bc, slope));
+  }
 }
 
-// y = f((x - mu[i]) * sc[i] + bc[i])
+// y = f((x - mu[i]) * sc[i] + bc[i]); float32: mu given as hi[i] + lo[i] (see run_apply), sc and bc as floats
 template <typename T, int A>
 inline void row_apply(const T* __restrict x, T* __restrict y, int64_t n, const double* __restrict mu,
                       const double* __restrict sc, const double* __restrict bc, double slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
     y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu[i]) * sc[i] + bc[i], slope));
+}
+
+template <int A>
+inline void row_apply_f(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict hi,
+                        const float* __restrict lo, const float* __restrict sc, const float* __restrict bc,
+                        float slope) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = act_fn_f<A>((x[i] - hi[i] - lo[i]) * sc[i] + bc[i], slope);
 }
 
 // xhat = (x - mu) * rs, z = xhat * wc + bc, dz = dy * f'(z)
@@ -309,12 +336,28 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   std::vector<double> wd, bd, coef;
   affine(w, b, C, wd, bd);
   block_coefficients(q, L.B, given, mean, rstd, wd, bd, coef);
+  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  std::vector<float> cf32(f32 ? L.B * 4 * C : 0);  // per block: hi, lo, sc, bc (see run_apply)
+  for (int64_t i = 0; i < (f32 ? L.B : 0); ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      const double* cf = coef.data() + i * 4 * C;
+      float* f = cf32.data() + i * 4 * C;
+      f[c] = static_cast<float>(cf[c]);
+      f[C + c] = static_cast<float>(cf[c] - f[c]);
+      f[2 * C + c] = static_cast<float>(cf[2 * C + c]);
+      f[3 * C + c] = static_cast<float>(cf[3 * C + c]);
+    }
   each_chunk(L.B * L.P, [&, slope](int64_t ch) {
     const int64_t bl = ch / L.P, p = ch % L.P;
     const double* cf = coef.data() + bl * 4 * C;
     for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
       const int64_t off = (bl * L.RB + j) * C;
-      row_apply<T, A>(x + off, y + off, C, cf, cf + 2 * C, cf + 3 * C, slope);
+      if constexpr (f32) {
+        const float* f = cf32.data() + bl * 4 * C;
+        row_apply_f<A>(x + off, y + off, C, f, f + C, f + 2 * C, f + 3 * C, static_cast<float>(slope));
+      } else {
+        row_apply<T, A>(x + off, y + off, C, cf, cf + 2 * C, cf + 3 * C, slope);
+      }
     }
   });
 }
@@ -413,16 +456,30 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   }
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
+  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
+  for (size_t c = 0; c < wf.size(); ++c) {
+    wf[c] = static_cast<float>(wd[c]);
+    bf[c] = static_cast<float>(bd[c]);
+  }
   each_chunk(L.P, [&, slope](int64_t p) {
     for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
       const int64_t s = stat(u), g = u % G;
       if (R == 1) {  // a row of K channels
         const T* __restrict xs = x + u * K;
         T* __restrict ys = y + u * K;
-        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K, mu = mean[s], rs = rstd[s];
+        if constexpr (f32) {  // float32 lanes, as run_apply
+          const float hi = static_cast<float>(mean[s]), lo = static_cast<float>(mean[s] - hi);
+          const float rs = static_cast<float>(rstd[s]), sl = static_cast<float>(slope);
+          const float *wc = wf.data() + g * K, *bc = bf.data() + g * K;
 #pragma omp simd
-        for (int64_t k = 0; k < K; ++k)
-          ys[k] = static_cast<T>(act_fn<A>((static_cast<double>(xs[k]) - mu) * rs * wc[k] + bc[k], slope));
+          for (int64_t k = 0; k < K; ++k) ys[k] = act_fn_f<A>((xs[k] - hi - lo) * rs * wc[k] + bc[k], sl);
+        } else {
+          const double *wc = wd.data() + g * K, *bc = bd.data() + g * K, mu = mean[s], rs = rstd[s];
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k)
+            ys[k] = static_cast<T>(act_fn<A>((static_cast<double>(xs[k]) - mu) * rs * wc[k] + bc[k], slope));
+        }
         continue;
       }
       for (int64_t k = 0; k < K; ++k) {
@@ -624,55 +681,73 @@ using Opt = c10::optional<Tensor>;
 
 Tensor get(const Opt& t) { return t.has_value() ? *t : Tensor(); }
 
+// The forward: y, and the float64 mean and rstd (the statistics', or the given ones) the backward reads.
+// x: (N, C, *S) contiguous or channels_last (channels_last), or (*B, *D) contiguous (layer norm's view);
+// w, b: (G*K,) or undefined; given_mean, given_var: (G,) or undefined (then the input's own statistics, folded into
+// running_mean, running_var (G,) when defined); num_batches_tracked, num_skipped: scalar long or undefined.
+std::tuple<Tensor, Tensor, Tensor> forward_all(const Tensor& x, const Tensor& w, const Tensor& b,
+                                               const Tensor& given_mean, const Tensor& given_var,
+                                               const Tensor& running_mean, const Tensor& running_var,
+                                               const Tensor& num_batches_tracked, const Tensor& num_skipped,
+                                               const std::vector<int64_t>& view, bool pool, bool channels_last,
+                                               double eps, double momentum, int64_t act, double slope,
+                                               bool act_first) {
+  const Geometry q = geometry(view, pool, channels_last, eps, act, slope, act_first);
+  const bool input_stats = !given_mean.defined();
+  TORCH_CHECK(!running_mean.defined() || momentum >= 0 || num_batches_tracked.defined(),
+              "momentum=None (cumulative average) needs num_batches_tracked");
+  TORCH_CHECK(view.size() == 4 && view[0] * view[1] * view[2] * view[3] == x.numel(), "view ", view,
+              " does not match an input of ", x.numel(), " values");
+  for (const Tensor* t : {&w, &b})
+    TORCH_CHECK(!t->defined() || t->numel() == q.C(), "weight and bias need ", q.C(), " values, got ", t->numel());
+  for (const Tensor* t : {&given_mean, &given_var, &running_mean, &running_var})
+    TORCH_CHECK(!t->defined() || t->numel() == q.G, "statistics need ", q.G, " values, got ", t->numel());
+  const int64_t S = input_stats ? q.stats() : q.G;
+  Tensor y = at::empty_like(x);
+  // float64 statistics: they never leave this node, and the apply and the backward subtract the mean unrounded
+  Tensor mean = at::empty({S}, x.options().dtype(at::kDouble)), rstd = at::empty({S}, x.options().dtype(at::kDouble));
+  std::vector<double> var(input_stats ? S : 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_native_forward", [&] {
+    using T = scalar_t;
+    double *mp = mean.data_ptr<double>(), *rp = rstd.data_ptr<double>();
+    if (!input_stats) {  // given statistics (G,): mean as given, rstd from the given variance
+      const T *gm = given_mean.data_ptr<T>(), *gv = given_var.data_ptr<T>();
+      for (int64_t g = 0; g < q.G; ++g) {
+        mp[g] = gm[g];
+        rp[g] = 1.0 / std::sqrt(static_cast<double>(gv[g]) + q.eps);
+      }
+    }
+    const T* wp = w.defined() ? w.data_ptr<T>() : nullptr;
+    const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+    const Tensor a = act_first ? activation_of<T>(x, act, slope) : x;
+    with_act(act_first ? NONE : act, [&](auto A) {
+      if (q.rows())
+        forward_rows<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
+      else
+        forward_planes<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
+    });
+    if (input_stats && running_mean.defined()) {
+      int64_t* nbt = num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr;
+      int64_t* skipped = num_skipped.defined() ? num_skipped.data_ptr<int64_t>() : nullptr;
+      AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "normlab_native_running", [&] {
+        running_update<scalar_t>(q, mp, var.data(), running_mean.data_ptr<scalar_t>(),
+                                    running_var.data_ptr<scalar_t>(), nbt, skipped, momentum);
+      });
+    }
+  });
+  return {y, mean, rstd};
+}
+
 struct NormFunction : public torch::autograd::Function<NormFunction> {
-  // x: (N, C, *S) contiguous or channels_last (channels_last), or (*B, *D) contiguous (layer norm's view);
-  // w, b: (G*K,) or undefined; given_mean, given_var: (G,) or undefined (then the input's own statistics, folded
-  // into running_mean, running_var (G,) when defined); num_batches_tracked, num_skipped: scalar long or undefined.
   // (Optional tensors: autograd's Function takes None for an absent input, not an undefined tensor.)
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Opt& w_, const Opt& b_, const Opt& given_mean_,
                         const Opt& given_var_, const Opt& running_mean_, const Opt& running_var_,
                         const Opt& num_batches_tracked_, const Opt& num_skipped_, std::vector<int64_t> view, bool pool,
                         bool channels_last, double eps, double momentum, int64_t act, double slope, bool act_first) {
     const Tensor w = get(w_), b = get(b_), given_mean = get(given_mean_), given_var = get(given_var_);
-    const Tensor running_mean = get(running_mean_), running_var = get(running_var_);
-    const Tensor num_batches_tracked = get(num_batches_tracked_), num_skipped = get(num_skipped_);
-    const Geometry q = geometry(view, pool, channels_last, eps, act, slope, act_first);
-    const bool input_stats = !given_mean.defined();
-    TORCH_CHECK(!running_mean.defined() || momentum >= 0 || num_batches_tracked.defined(),
-                "momentum=None (cumulative average) needs num_batches_tracked");
-    const int64_t S = input_stats ? q.stats() : q.G;
-    Tensor y = at::empty_like(x);
-    // float64 statistics: they never leave this node, and the apply and the backward subtract the mean unrounded
-    Tensor mean = at::empty({S}, x.options().dtype(at::kDouble)), rstd = at::empty({S}, x.options().dtype(at::kDouble));
-    std::vector<double> var(input_stats ? S : 0);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_native_forward", [&] {
-      using T = scalar_t;
-      double *mp = mean.data_ptr<double>(), *rp = rstd.data_ptr<double>();
-      if (!input_stats) {  // given statistics (G,): mean as given, rstd from the given variance
-        const T *gm = given_mean.data_ptr<T>(), *gv = given_var.data_ptr<T>();
-        for (int64_t g = 0; g < q.G; ++g) {
-          mp[g] = gm[g];
-          rp[g] = 1.0 / std::sqrt(static_cast<double>(gv[g]) + q.eps);
-        }
-      }
-      const T* wp = w.defined() ? w.data_ptr<T>() : nullptr;
-      const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
-      const Tensor a = act_first ? activation_of<T>(x, act, slope) : x;
-      with_act(act_first ? NONE : act, [&](auto A) {
-        if (q.rows())
-          forward_rows<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
-        else
-          forward_planes<T, A>(q, !input_stats, a.data_ptr<T>(), wp, bp, y.data_ptr<T>(), mp, rp, var.data());
-      });
-      if (input_stats && running_mean.defined()) {
-        int64_t* nbt = num_batches_tracked.defined() ? num_batches_tracked.data_ptr<int64_t>() : nullptr;
-        int64_t* skipped = num_skipped.defined() ? num_skipped.data_ptr<int64_t>() : nullptr;
-        AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "normlab_native_running", [&] {
-          running_update<scalar_t>(q, mp, var.data(), running_mean.data_ptr<scalar_t>(),
-                                      running_var.data_ptr<scalar_t>(), nbt, skipped, momentum);
-        });
-      }
-    });
+    auto [y, mean, rstd] = forward_all(x, w, b, given_mean, given_var, get(running_mean_), get(running_var_),
+                                       get(num_batches_tracked_), get(num_skipped_), view, pool, channels_last, eps,
+                                       momentum, act, slope, act_first);
     ctx->save_for_backward({x, w, b, mean, rstd, given_mean, given_var});
     ctx->saved_data["view"] = view;
     ctx->saved_data["flags"] = std::vector<int64_t>{pool, channels_last, act, act_first};
@@ -740,6 +815,12 @@ Tensor norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& given_mean, 
             const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked, const Opt& num_skipped,
             std::vector<int64_t> view, bool pool, bool channels_last, double eps, double momentum, int64_t act,
             double slope, bool act_first) {
+  const bool grad = torch::autograd::GradMode::is_enabled() &&
+                    (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (!grad)  // nothing to differentiate: no node, nothing saved
+    return std::get<0>(forward_all(x, get(w), get(b), get(given_mean), get(given_var), get(running_mean),
+                                   get(running_var), get(num_batches_tracked), get(num_skipped), view, pool,
+                                   channels_last, eps, momentum, act, slope, act_first));
   return NormFunction::apply(x, w, b, given_mean, given_var, running_mean, running_var, num_batches_tracked,
                              num_skipped, std::move(view), pool, channels_last, eps, momentum, act, slope, act_first);
 }
