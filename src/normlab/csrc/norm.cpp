@@ -144,16 +144,30 @@ inline void run_sums(const T* __restrict x, int64_t n, double shift, double& sum
   sumsq += s2;
 }
 
-// per channel: sum[i] += x[i] - shift[i], sumsq[i] += (x[i] - shift[i])^2
-template <typename T>
-inline void row_sums(const T* __restrict x, int64_t n, const double* __restrict shift, double* __restrict sum,
-                     double* __restrict sumsq) {
+// per channel: sum[i] += x[i] - shift[i], sumsq[i] += (x[i] - shift[i])^2, over NR rows ld apart (the "row"
+// loops below take NR rows at a time, so that each per-channel array is read and written once per NR rows)
+template <int NR, typename T>
+inline void row_sums(const T* __restrict x, int64_t n, int64_t ld, const double* __restrict shift,
+                     double* __restrict sum, double* __restrict sumsq) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(x[i]) - shift[i];
-    sum[i] += d;
-    sumsq[i] += d * d;
+    double s1 = 0, s2 = 0;
+    for (int r = 0; r < NR; ++r) {
+      const double d = static_cast<double>(x[r * ld + i]) - shift[i];
+      s1 += d;
+      s2 += d * d;
+    }
+    sum[i] += s1;
+    sumsq[i] += s2;
   }
+}
+
+// Calls fn(std::integral_constant<int, NR>{}, j) over rows lo .. hi - 1: NR = 4 rows at a time, then one by one.
+template <typename F>
+inline void by_rows(int64_t lo, int64_t hi, F&& fn) {
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) fn(std::integral_constant<int, 4>{}, j);
+  for (; j < hi; ++j) fn(std::integral_constant<int, 1>{}, j);
 }
 
 // y = f((x - mu) * sc + bc), one statistic and channel for the run. float32 runs in float32 lanes (twice as many):
@@ -174,21 +188,24 @@ inline void run_apply(const T* __restrict x, T* __restrict y, int64_t n, double 
   }
 }
 
-// y = f((x - mu[i]) * sc[i] + bc[i]); float32: mu given as hi[i] + lo[i] (see run_apply), sc and bc as floats
-template <typename T, int A>
-inline void row_apply(const T* __restrict x, T* __restrict y, int64_t n, const double* __restrict mu,
+// y = f((x - mu[i]) * sc[i] + bc[i]) over NR rows ld apart; row_apply_f: float32, mu as hi[i] + lo[i] (see
+// run_apply), sc and bc as floats
+template <int NR, typename T, int A>
+inline void row_apply(const T* __restrict x, T* __restrict y, int64_t n, int64_t ld, const double* __restrict mu,
                       const double* __restrict sc, const double* __restrict bc, double slope) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i)
-    y[i] = static_cast<T>(act_fn<A>((static_cast<double>(x[i]) - mu[i]) * sc[i] + bc[i], slope));
+    for (int r = 0; r < NR; ++r)
+      y[r * ld + i] = static_cast<T>(act_fn<A>((static_cast<double>(x[r * ld + i]) - mu[i]) * sc[i] + bc[i], slope));
 }
 
-template <int A>
-inline void row_apply_f(const float* __restrict x, float* __restrict y, int64_t n, const float* __restrict hi,
-                        const float* __restrict lo, const float* __restrict sc, const float* __restrict bc,
-                        float slope) {
+template <int NR, int A>
+inline void row_apply_f(const float* __restrict x, float* __restrict y, int64_t n, int64_t ld,
+                        const float* __restrict hi, const float* __restrict lo, const float* __restrict sc,
+                        const float* __restrict bc, float slope) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = act_fn_f<A>((x[i] - hi[i] - lo[i]) * sc[i] + bc[i], slope);
+  for (int64_t i = 0; i < n; ++i)
+    for (int r = 0; r < NR; ++r) y[r * ld + i] = act_fn_f<A>((x[r * ld + i] - hi[i] - lo[i]) * sc[i] + bc[i], slope);
 }
 
 // xhat = (x - mu) * rs, z = xhat * wc + bc, dz = dy * f'(z)
@@ -215,17 +232,23 @@ inline void run_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t
   sdzx += s2;
 }
 
-// per channel: sdz[i] += dz, sdzx[i] += dz * xhat
-template <typename T, int A>
-inline void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, const double* __restrict mu,
-                          const double* __restrict rs, const double* __restrict wc, const double* __restrict bc,
-                          double slope, double* __restrict sdz, double* __restrict sdzx) {
+// per channel: sdz[i] += dz, sdzx[i] += dz * xhat, over NR rows ld apart
+template <int NR, typename T, int A>
+inline void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, int64_t ld,
+                          const double* __restrict mu, const double* __restrict rs, const double* __restrict wc,
+                          const double* __restrict bc, double slope, double* __restrict sdz,
+                          double* __restrict sdzx) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    double xhat;
-    const double dz = dz_at<A>(x[i], dy[i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
-    sdz[i] += dz;
-    sdzx[i] += dz * xhat;
+    double s1 = 0, s2 = 0;
+    for (int r = 0; r < NR; ++r) {
+      double xhat;
+      const double dz = dz_at<A>(x[r * ld + i], dy[r * ld + i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
+      s1 += dz;
+      s2 += dz * xhat;
+    }
+    sdz[i] += s1;
+    sdzx[i] += s2;
   }
 }
 
@@ -241,18 +264,19 @@ inline void run_dx(const T* __restrict x, const T* __restrict dy, T* __restrict 
   }
 }
 
-// dx per channel
-template <typename T, int A>
-inline void row_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n,
+// dx per channel, over NR rows ld apart
+template <int NR, typename T, int A>
+inline void row_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n, int64_t ld,
                    const double* __restrict mu, const double* __restrict rs, const double* __restrict wc,
                    const double* __restrict bc, const double* __restrict c1, const double* __restrict c2,
                    double slope) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    double xhat;
-    const double dz = dz_at<A>(x[i], dy[i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
-    dx[i] = static_cast<T>(rs[i] * (dz * wc[i] - c1[i] - xhat * c2[i]));
-  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int r = 0; r < NR; ++r) {
+      double xhat;
+      const double dz = dz_at<A>(x[r * ld + i], dy[r * ld + i], mu[i], rs[i], wc[i], bc[i], slope, xhat);
+      dx[r * ld + i] = static_cast<T>(rs[i] * (dz * wc[i] - c1[i] - xhat * c2[i]));
+    }
 }
 
 // w and b as float64 arrays (C,): 1 and 0 when absent, so that the loops never test for them
@@ -318,8 +342,9 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
     each_chunk(L.B * L.P, [&](int64_t ch) {
       const int64_t bl = ch / L.P, p = ch % L.P;
       double* sum = part.data() + ch * 2 * C;
-      for (int64_t j = L.lo(p); j < L.hi(p); ++j)
-        row_sums(x + (bl * L.RB + j) * C, C, shift.data() + bl * C, sum, sum + C);
+      by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
+        row_sums<NR>(x + (bl * L.RB + j) * C, C, C, shift.data() + bl * C, sum, sum + C);
+      });
     });
     for (int64_t bl = 0; bl < L.B; ++bl)
       for (int64_t g = 0; g < G; ++g) {
@@ -350,15 +375,15 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   each_chunk(L.B * L.P, [&, slope](int64_t ch) {
     const int64_t bl = ch / L.P, p = ch % L.P;
     const double* cf = coef.data() + bl * 4 * C;
-    for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+    by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
       const int64_t off = (bl * L.RB + j) * C;
       if constexpr (f32) {
         const float* f = cf32.data() + bl * 4 * C;
-        row_apply_f<A>(x + off, y + off, C, f, f + C, f + 2 * C, f + 3 * C, static_cast<float>(slope));
+        row_apply_f<NR, A>(x + off, y + off, C, C, f, f + C, f + 2 * C, f + 3 * C, static_cast<float>(slope));
       } else {
-        row_apply<T, A>(x + off, y + off, C, cf, cf + 2 * C, cf + 3 * C, slope);
+        row_apply<NR, T, A>(x + off, y + off, C, C, cf, cf + 2 * C, cf + 3 * C, slope);
       }
-    }
+    });
   });
 }
 
@@ -378,10 +403,10 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
       const int64_t bl = ch / L.P, p = ch % L.P;
       const double* cf = coef.data() + bl * 4 * C;
       double* sdz = part.data() + ch * 2 * C;
-      for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+      by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
         const int64_t off = (bl * L.RB + j) * C;
-        row_grad_sums<T, A>(x + off, dy + off, C, cf, cf + C, wd.data(), bd.data(), slope, sdz, sdz + C);
-      }
+        row_grad_sums<NR, T, A>(x + off, dy + off, C, C, cf, cf + C, wd.data(), bd.data(), slope, sdz, sdz + C);
+      });
     });
     for (int64_t ch = 0; ch < L.B * L.P; ++ch)
       for (int64_t c = 0; c < C; ++c) {
@@ -410,10 +435,10 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
   each_chunk(L.B * L.P, [&, slope](int64_t ch) {
     const int64_t bl = ch / L.P, p = ch % L.P;
     const double *cf = coef.data() + bl * 4 * C, *c1 = cx.data() + bl * 2 * C;
-    for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+    by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
       const int64_t off = (bl * L.RB + j) * C;
-      row_dx<T, A>(x + off, dy + off, dx + off, C, cf, cf + C, wd.data(), bd.data(), c1, c1 + C, slope);
-    }
+      row_dx<NR, T, A>(x + off, dy + off, dx + off, C, C, cf, cf + C, wd.data(), bd.data(), c1, c1 + C, slope);
+    });
   });
 }
 
