@@ -11,7 +11,7 @@ keeps its digits; ``mean`` and ``rstd`` stay float64 inside the node, so the app
 mean unrounded). An activation placed before the norm (``placement="after"``) is one elementwise pass of its own.
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (a C++17 compiler and ninja;
-about a minute on 2 cores, once: it is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, in a
+about 100 s on 2 cores, once: it is cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, in a
 directory named after the source, flags and torch version). Where it cannot be built, :func:`available` is False,
 says why once (a warning), and the other CPU paths run. Double backward recomputes the forward from ATen's
 differentiable ops (exact, slower). ``torch.compile`` and export take normlab's custom ops instead
@@ -62,7 +62,7 @@ ACT_CODES = {None: 0, **{name: i + 1 for i, name in enumerate(("relu", "leaky_re
 assert set(ACT_CODES) - {None} == set(ACTIVATIONS)
 
 _log = logging.getLogger(__name__)
-_STALE_LOCK_S = 900  # a build takes 1-2 minutes on 2 cores
+_STALE_LOCK_S = 900  # a build takes about 100 s on 2 cores
 
 
 def _build_directory(source: bytes) -> Path:
@@ -98,7 +98,7 @@ def _extension():
                       stacklevel=3)
         lock.unlink(missing_ok=True)
     if not any(directory.glob("normlab_native*.so")):
-        _log.warning("normlab: compiling the native CPU kernels once (about a minute; cached in %s)", directory)
+        _log.warning("normlab: compiling the native CPU kernels once (about 100 s on 2 cores; cached in %s)", directory)
     try:
         cflags, ldflags = _flags()
         return cpp_extension.load(name="normlab_native", sources=[str(_SOURCE)], extra_cflags=list(cflags),
