@@ -2,7 +2,8 @@
 // the autograd node in C++ too. What it saves is the Python around a small norm (module, autograd.Function, engine
 // callbacks, a dozen tensor ops), which costs more than the arithmetic below some 10^5 values.
 //
-// Every norm is the spec's view (N, G, K, R) of x, addressed with strides (s_n, s_c, s_r), c = g * K + k:
+// Every norm is the spec's view (N, G, K, R) of x, c = g * K + k, stored (N, C, R) contiguous or, channels_last,
+// (N, R, C) (the two loop families below):
 //
 //     a = x, or f(x) when ACT_FIRST                       (placement "after": a pass of its own before the loops)
 //     shift = a at the statistic's first position          sums of d = a - shift keep the digits of a large mean
@@ -15,10 +16,10 @@
 //     da = rstd * dxhat                                                    given statistics (constants)
 //     dx = da * f'(x) when ACT_FIRST, else da
 //
-// A statistic is (n0, g) with n0 = 0 when it pools over the batch (batch norm). Sums are double; mean and rstd are
-// stored in x's dtype (float32 or float64), and both directions read the stored values. Double backward: the node's
-// backward, when a graph of it is asked for, recomputes the forward from differentiable ATen ops and lets autograd
-// differentiate that (slow, exact, rare).
+// A statistic is (n0, g) with n0 = 0 when it pools over the batch (batch norm). Sums are float64, and mean and
+// rstd stay float64 inside the node, which both directions read. Double backward: the node's backward, when a graph
+// of it is asked for, recomputes the forward from differentiable ATen ops and lets autograd differentiate that
+// (slow, exact, rare).
 
 #include <torch/extension.h>
 
@@ -290,6 +291,15 @@ void affine(const T* w, const T* b, int64_t C, std::vector<double>& wd, std::vec
   }
 }
 
+// db and dw from the chunks' partial sums (per chunk: C sums of dz, then C of dz * xhat), in chunk order.
+inline void add_partials(const std::vector<double>& part, int64_t chunks, int64_t C, double* dw, double* db) {
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t c = 0; c < C; ++c) {
+      if (db) db[c] += part[ch * 2 * C + c];
+      if (dw) dw[c] += part[ch * 2 * C + C + c];
+    }
+}
+
 // The statistics of one group from its sums of d = a - shift over m values.
 inline void finish_stat(double shift, double sum, double sumsq, int64_t m, double eps, double* mean, double* rstd,
                         double* var) {
@@ -408,11 +418,7 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
         row_grad_sums<NR, T, A>(x + off, dy + off, C, C, cf, cf + C, wd.data(), bd.data(), slope, sdz, sdz + C);
       });
     });
-    for (int64_t ch = 0; ch < L.B * L.P; ++ch)
-      for (int64_t c = 0; c < C; ++c) {
-        if (db) db[c] += part[ch * 2 * C + c];
-        if (dw) dw[c] += part[ch * 2 * C + C + c];
-      }
+    add_partials(part, L.B * L.P, C, dw, db);
   }
   if (!dx) return;
   // dx = rs * (dz * w - c1 - xhat * c2) with the statistic's c1 = E[dxhat], c2 = E[dxhat * xhat] (0: given ones)
@@ -563,11 +569,7 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
       unit[2 * u + 1] = sdxx;
     }
   });
-  for (int64_t p = 0; p < L.P; ++p)
-    for (int64_t c = 0; c < C; ++c) {
-      if (db) db[c] += part[p * 2 * C + c];
-      if (dw) dw[c] += part[p * 2 * C + C + c];
-    }
+  add_partials(part, L.P, C, dw, db);
   if (!dx) return;
   std::vector<double> cx(2 * S, 0.0);
   if (input_stats) {
