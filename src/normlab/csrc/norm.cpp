@@ -75,6 +75,13 @@ inline float act_fn_f(float v, float slope) {
   else return v;
 }
 
+template <int A>
+inline float act_grad_f(float v, float slope) {
+  if constexpr (A == RELU) return static_cast<float>(v > 0);
+  else if constexpr (A == LEAKY_RELU) { const float pos = static_cast<float>(v > 0); return pos + (1.0f - pos) * slope; }
+  else return 1.0f;
+}
+
 // Calls fn(std::integral_constant<int, act>) for a run-time act.
 template <typename F>
 void with_act(int64_t act, F&& fn) {
@@ -521,6 +528,63 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   });
 }
 
+// Layer norm's backward sums for float32 rows (R == 1) without a transcendental activation, in float32 lanes: per
+// row its sums of w dz and w dz xhat (K values, 16 lanes), and per channel its sums of dz and dz xhat over the rows,
+// kept in float32 for at most kFlush rows and then added to the chunk's float64 partials, so that no float32 sum
+// runs over more than kFlush values. The mean as hi + lo floats, as in run_apply.
+constexpr int64_t kFlush = 16;
+
+template <int A, typename Stat>
+void rows_grad_sums_f32(const Planes& L, Stat stat, int64_t G, int64_t K, const float* x, const float* dy,
+                        const double* mean, const double* rstd, const std::vector<double>& wd,
+                        const std::vector<double>& bd, double slope, std::vector<double>& part,
+                        std::vector<double>& unit) {
+  const int64_t C = G * K;
+  std::vector<float> wf(C), bf(C);
+  for (int64_t c = 0; c < C; ++c) {
+    wf[c] = static_cast<float>(wd[c]);
+    bf[c] = static_cast<float>(bd[c]);
+  }
+  const float sl = static_cast<float>(slope);
+  each_chunk(L.P, [&, sl](int64_t p) {
+    double* sdz = part.data() + p * 2 * C;
+    double* sdzx = sdz + C;
+    std::vector<float> fz(C, 0.0f), fzx(C, 0.0f);
+    int64_t rows = 0;
+    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+      const int64_t s = stat(u), g = u % G;
+      const float hi = static_cast<float>(mean[s]), lo = static_cast<float>(mean[s] - hi);
+      const float r = static_cast<float>(rstd[s]);
+      const float* __restrict xs = x + u * K;
+      const float* __restrict dys = dy + u * K;
+      const float* __restrict wc = wf.data() + g * K;
+      const float* __restrict bc = bf.data() + g * K;
+      float* __restrict pz = fz.data() + g * K;
+      float* __restrict pzx = fzx.data() + g * K;
+      float a = 0, c = 0;
+#pragma omp simd reduction(+ : a, c)
+      for (int64_t k = 0; k < K; ++k) {
+        const float xhat = (xs[k] - hi - lo) * r;
+        const float dz = dys[k] * act_grad_f<A>(xhat * wc[k] + bc[k], sl);
+        pz[k] += dz;
+        pzx[k] += dz * xhat;
+        a += wc[k] * dz;
+        c += wc[k] * dz * xhat;
+      }
+      unit[2 * u] = a;
+      unit[2 * u + 1] = c;
+      if (++rows == kFlush || u + 1 == L.hi(p)) {
+        for (int64_t i = 0; i < C; ++i) {
+          sdz[i] += fz[i];
+          sdzx[i] += fzx[i];
+          fz[i] = fzx[i] = 0.0f;
+        }
+        rows = 0;
+      }
+    }
+  });
+}
+
 template <typename T, int A>
 void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* x, const T* w, const T* b,
                      const double* mean, const double* rstd, T* dx, double* dw, double* db) {
@@ -534,7 +598,15 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   affine(w, b, C, wd, bd);
   // per chunk and channel: sum dz, sum dz * xhat; per unit: sum dxhat, sum dxhat * xhat
   std::vector<double> part(L.P * 2 * C, 0.0), unit(L.U * 2, 0.0);
-  each_chunk(L.P, [&, slope](int64_t p) {
+  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  bool summed = false;
+  if constexpr (f32) {
+    if (R == 1) {  // float32 rows of K channels (layer norm): the sums in float32 lanes, see rows_grad_sums_f32
+      rows_grad_sums_f32<A>(L, stat, G, K, x, dy, mean, rstd, wd, bd, slope, part, unit);
+      summed = true;
+    }
+  }
+  if (!summed) each_chunk(L.P, [&, slope](int64_t p) {
     double* sdz = part.data() + p * 2 * C;
     double* sdzx = sdz + C;
     for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
@@ -571,6 +643,11 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   });
   add_partials(part, L.P, C, dw, db);
   if (!dx) return;
+  std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
+  for (size_t c = 0; c < wf.size(); ++c) {
+    wf[c] = static_cast<float>(wd[c]);
+    bf[c] = static_cast<float>(bd[c]);
+  }
   std::vector<double> cx(2 * S, 0.0);
   if (input_stats) {
     for (int64_t u = 0; u < L.U; ++u) {
@@ -586,6 +663,18 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
       if (R == 1) {
         const T *xs = x + u * K, *dys = dy + u * K;
         T* dxs = dx + u * K;
+        if constexpr (f32) {  // float32 lanes (the mean as hi + lo, as in run_apply)
+          const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
+          const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2), sl = static_cast<float>(slope);
+          const float *wc = wf.data() + g * K, *bc = bf.data() + g * K;
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) {
+            const float xhat = (xs[k] - hi - lo) * r;
+            const float dz = dys[k] * act_grad_f<A>(xhat * wc[k] + bc[k], sl);
+            dxs[k] = r * (dz * wc[k] - f1 - xhat * f2);
+          }
+          continue;
+        }
         const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
 #pragma omp simd
         for (int64_t k = 0; k < K; ++k) {
