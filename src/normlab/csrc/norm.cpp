@@ -118,6 +118,7 @@ struct Geometry {
 // kGrain values; small inputs are one chunk, on the calling thread (a parallel region costs microseconds).
 constexpr int64_t kGrain = int64_t{1} << 14;
 constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kFlush = 16;  // float32 sums run over at most this many rows before they go into float64 ones
 
 inline int64_t chunks(int64_t items, int64_t values_per_item) {
   return std::max<int64_t>(1, std::min({items, kMaxChunks, items * values_per_item / kGrain}));
@@ -415,7 +416,54 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
   block_coefficients(q, L.B, !input_stats, mean, rstd, wd, bd, coef);
   // Per chunk and channel: sum dz, sum dz * xhat (db and dw; times w, the statistics' sums of dxhat, dxhat * xhat).
   std::vector<double> part(L.B * L.P * 2 * C, 0.0);
-  if (input_stats || dw || db) {
+  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  // float32: per block and channel hi, lo (the mean as two floats), rs, w, b; sums in float32 lanes, flushed to the
+  // float64 partials every kFlush rows (as in rows_grad_sums_f32)
+  std::vector<float> cf32(f32 ? L.B * 5 * C : 0);
+  for (int64_t bl = 0; bl < (f32 ? L.B : 0); ++bl)
+    for (int64_t c = 0; c < C; ++c) {
+      const double* cf = coef.data() + bl * 4 * C;
+      float* f = cf32.data() + bl * 5 * C;
+      f[c] = static_cast<float>(cf[c]);
+      f[C + c] = static_cast<float>(cf[c] - f[c]);
+      f[2 * C + c] = static_cast<float>(cf[C + c]);
+      f[3 * C + c] = static_cast<float>(wd[c]);
+      f[4 * C + c] = static_cast<float>(bd[c]);
+    }
+  const float sl = static_cast<float>(slope);
+  if constexpr (f32) {
+    if (input_stats || dw || db) {
+      each_chunk(L.B * L.P, [&, sl](int64_t ch) {
+        const int64_t bl = ch / L.P, p = ch % L.P;
+        const float *hi = cf32.data() + bl * 5 * C, *lo = hi + C, *rs = hi + 2 * C, *wc = hi + 3 * C, *bc = hi + 4 * C;
+        double* sdz = part.data() + ch * 2 * C;
+        std::vector<float> fz(C, 0.0f), fzx(C, 0.0f);
+        float* __restrict pz = fz.data();
+        float* __restrict pzx = fzx.data();
+        int64_t rows = 0;
+        for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+          const float* __restrict xs = x + (bl * L.RB + j) * C;
+          const float* __restrict dys = dy + (bl * L.RB + j) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
+            const float dz = dys[c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
+            pz[c] += dz;
+            pzx[c] += dz * xhat;
+          }
+          if (++rows == kFlush || j + 1 == L.hi(p)) {
+            for (int64_t c = 0; c < C; ++c) {
+              sdz[c] += pz[c];
+              sdz[C + c] += pzx[c];
+              pz[c] = pzx[c] = 0.0f;
+            }
+            rows = 0;
+          }
+        }
+      });
+      add_partials(part, L.B * L.P, C, dw, db);
+    }
+  } else if (input_stats || dw || db) {
     each_chunk(L.B * L.P, [&, slope](int64_t ch) {
       const int64_t bl = ch / L.P, p = ch % L.P;
       const double* cf = coef.data() + bl * 4 * C;
@@ -444,6 +492,26 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
           cx[bl * 2 * C + C + c] = sdxx / m;
         }
       }
+  }
+  if constexpr (f32) {
+    std::vector<float> cx32(cx.begin(), cx.end());
+    each_chunk(L.B * L.P, [&, sl](int64_t ch) {
+      const int64_t bl = ch / L.P, p = ch % L.P;
+      const float *hi = cf32.data() + bl * 5 * C, *lo = hi + C, *rs = hi + 2 * C, *wc = hi + 3 * C, *bc = hi + 4 * C;
+      const float *c1 = cx32.data() + bl * 2 * C, *c2 = c1 + C;
+      for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
+        const float* __restrict xs = x + (bl * L.RB + j) * C;
+        const float* __restrict dys = dy + (bl * L.RB + j) * C;
+        float* __restrict dxs = dx + (bl * L.RB + j) * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
+          const float dz = dys[c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
+          dxs[c] = rs[c] * (dz * wc[c] - c1[c] - xhat * c2[c]);
+        }
+      }
+    });
+    return;
   }
   each_chunk(L.B * L.P, [&, slope](int64_t ch) {
     const int64_t bl = ch / L.P, p = ch % L.P;
@@ -532,8 +600,6 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
 // row its sums of w dz and w dz xhat (K values, 16 lanes), and per channel its sums of dz and dz xhat over the rows,
 // kept in float32 for at most kFlush rows and then added to the chunk's float64 partials, so that no float32 sum
 // runs over more than kFlush values. The mean as hi + lo floats, as in run_apply.
-constexpr int64_t kFlush = 16;
-
 template <int A, typename Stat>
 void rows_grad_sums_f32(const Planes& L, Stat stat, int64_t G, int64_t K, const float* x, const float* dy,
                         const double* mean, const double* rstd, const std::vector<double>& wd,
