@@ -82,6 +82,10 @@ inline float act_grad_f(float v, float slope) {
   else return 1.0f;
 }
 
+// float32 inputs whose activation is cheap (none, relu, leaky_relu) run the apply and the backward in float32 lanes
+template <typename T, int A>
+constexpr bool kFloatLanes = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+
 // Calls fn(std::integral_constant<int, act>) for a run-time act.
 template <typename F>
 void with_act(int64_t act, F&& fn) {
@@ -185,7 +189,7 @@ inline void by_rows(int64_t lo, int64_t hi, F&& fn) {
 template <typename T, int A>
 inline void run_apply(const T* __restrict x, T* __restrict y, int64_t n, double mu, double sc, double bc,
                       double slope) {
-  if constexpr (std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU) {
+  if constexpr (kFloatLanes<T, A>) {
     const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), s = static_cast<float>(sc);
     const float c = static_cast<float>(bc), sl = static_cast<float>(slope);
 #pragma omp simd
@@ -379,7 +383,7 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   std::vector<double> wd, bd, coef;
   affine(w, b, C, wd, bd);
   block_coefficients(q, L.B, given, mean, rstd, wd, bd, coef);
-  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  constexpr bool f32 = kFloatLanes<T, A>;
   std::vector<float> cf32(f32 ? L.B * 4 * C : 0);  // per block: hi, lo, sc, bc (see run_apply)
   for (int64_t i = 0; i < (f32 ? L.B : 0); ++i)
     for (int64_t c = 0; c < C; ++c) {
@@ -416,7 +420,7 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
   block_coefficients(q, L.B, !input_stats, mean, rstd, wd, bd, coef);
   // Per chunk and channel: sum dz, sum dz * xhat (db and dw; times w, the statistics' sums of dxhat, dxhat * xhat).
   std::vector<double> part(L.B * L.P * 2 * C, 0.0);
-  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  constexpr bool f32 = kFloatLanes<T, A>;
   // float32: per block and channel hi, lo (the mean as two floats), rs, w, b; sums in float32 lanes, flushed to the
   // float64 partials every kFlush rows (as in rows_grad_sums_f32)
   std::vector<float> cf32(f32 ? L.B * 5 * C : 0);
@@ -562,7 +566,7 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   }
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
-  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  constexpr bool f32 = kFloatLanes<T, A>;
   std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
   for (size_t c = 0; c < wf.size(); ++c) {
     wf[c] = static_cast<float>(wd[c]);
@@ -664,7 +668,7 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   affine(w, b, C, wd, bd);
   // per chunk and channel: sum dz, sum dz * xhat; per unit: sum dxhat, sum dxhat * xhat
   std::vector<double> part(L.P * 2 * C, 0.0), unit(L.U * 2, 0.0);
-  constexpr bool f32 = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+  constexpr bool f32 = kFloatLanes<T, A>;
   bool summed = false;
   if constexpr (f32) {
     if (R == 1) {  // float32 rows of K channels (layer norm): the sums in float32 lanes, see rows_grad_sums_f32
