@@ -4,7 +4,8 @@
 
 - ``auto`` (default): the Triton kernels for CUDA tensors when Triton imports and the kernels support the case;
   for float32/float64 CPU tensors the native C++ kernels (:mod:`normlab.native`; faster than the numba loops on
-  every case ``benchmarks/crossover.py`` measures), or, where they cannot be built (no C++ compiler), ATen's own
+  every case ``benchmarks/crossover.py`` measures at one thread, and at two but for the 4M-value corners, within
+  their run-to-run spread), or, where they cannot be built (no C++ compiler), ATen's own
   kernels on shifted input (:mod:`normlab.aten_ops`) where that benchmark measured them faster than the numba
   loops (:func:`normlab.aten_ops.pays`) and the numba loops elsewhere; the torch path otherwise (half precision on
   the CPU, an empty batch);
