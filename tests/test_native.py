@@ -127,6 +127,20 @@ def test_running_update_guard_and_cumulative_average():
     assert int(bn.num_batches_tracked) == 2 and int(bn.num_skipped_updates) == 1
 
 
+def test_a_finished_build_loads_without_the_build_lock(tmp_path):
+    """A lock left by a process killed outright (torch's build lock) does not make the next load wait: a finished
+    build of the same source is loaded directly."""
+    directory = native._build_directory(native._SOURCE.read_bytes())
+    lock = directory / "lock"
+    lock.touch()
+    try:
+        native._extension.cache_clear()
+        assert native.available()
+    finally:
+        lock.unlink(missing_ok=True)
+        native._extension.cache_clear()
+
+
 def test_cumulative_average_needs_the_counter():
     x = torch.randn(4, 3)
     call = spec.call("batch", x.shape, 1e-5)
@@ -145,12 +159,13 @@ def test_what_it_refuses():
     assert not native.supports(x, call, w=torch.ones(6)[::2])  # a strided weight
 
 
-def test_without_a_build_the_other_paths_run(monkeypatch):
-    """Where the extension cannot be built: one warning naming the cause, available() False, and auto's other
-    CPU paths give the same results."""
+def test_without_a_build_the_other_paths_run(monkeypatch, tmp_path):
+    """Where the extension cannot be built (an empty cache directory, and the build fails): one warning naming the
+    cause, available() False, and auto's other CPU paths give the same results."""
     from torch.utils import cpp_extension
 
     native._extension.cache_clear()
+    monkeypatch.setattr(native, "_build_directory", lambda source: tmp_path / "build")
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: (_ for _ in ()).throw(OSError("no compiler here")))
     try:
         with pytest.warns(RuntimeWarning, match="could not be built .*no compiler here"):

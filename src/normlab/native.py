@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -92,6 +93,15 @@ def _extension():
     source = _SOURCE.read_bytes()
     directory = _build_directory(source)
     directory.mkdir(parents=True, exist_ok=True)
+    built = directory / "normlab_native.so"
+    if built.exists():  # a finished build of this very source: loaded directly, without torch's build lock
+        try:
+            spec = importlib.util.spec_from_file_location("normlab_native", built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except (ImportError, OSError):  # a partial file from an interrupted link: built again below
+            pass
     lock = directory / "lock"  # torch's build lock: a build killed outright leaves it, and every later load waits
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         warnings.warn(f"normlab: removing a stale build lock {lock} (older than {_STALE_LOCK_S} s)", RuntimeWarning,
