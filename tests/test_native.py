@@ -12,7 +12,7 @@ import torch
 
 import normlab.functional as F
 import normlab.nn as nl
-from normlab import backend, native, spec
+from normlab import backend, native, reference, spec
 from tests.conftest import channels_last
 
 
@@ -83,6 +83,47 @@ def test_results_do_not_depend_on_the_thread_count():
     for one, two in zip(results[:half], results[half:]):
         for a, b_ in zip(one, two):
             assert torch.equal(a, b_)
+
+
+def _hard_float32(shape, case, dim):
+    """float32 data on which float32 sums lose digits unless they are centred: ``large_mean`` (mean 1e4, std 1e-2),
+    ``outlier`` (each statistic's first value 1e4 standard deviations out), ``drift`` (the mean moves from 0 to 1e3
+    along ``dim``, so the first rows or values say nothing of the rest)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    if case == "large_mean":
+        x = x * 1e-2 + 1e4
+    elif case == "outlier":
+        x.view(-1)[0] = 1e4
+        x.select(dim, 0).fill_(1e4)
+    else:
+        steps = torch.linspace(0, 1e3, shape[dim], dtype=torch.float64)
+        x = x + steps.view([-1 if i == dim else 1 for i in range(len(shape))])
+    return x.float()
+
+
+# float32 inputs whose statistics take each of the C++ paths: layer norm's rows (one block, and more than one of
+# 4,096 values), group and instance norm's units, (N, C) batch norm's rows in tiles of 32 and chunks, channels_last
+# (per-sample and pooled), pooled planes.
+HARD = [("layer", (40, 300), {}, 0), ("layer", (3, 10000), {}, 1), ("group", (4, 12, 9, 11), {"groups": 3}, 2),
+        ("instance", (3, 5, 37, 41), {}, 2), ("batch", (700, 24), {}, 0), ("batch", (100, 3, 5, 7), {"cl": True}, 0),
+        ("instance", (3, 4, 20, 21), {"cl": True}, 2), ("batch", (8, 3, 300), {}, 2)]
+
+
+@pytest.mark.parametrize("kind, shape, kw, dim", HARD)
+@pytest.mark.parametrize("case", ["large_mean", "outlier", "drift"])
+def test_float32_statistics_keep_their_digits(kind, shape, kw, dim, case):
+    """float32 statistics (float32 lanes, centred sums, merged moments) against the float64 reference: the output
+    to 1e-5 of a standard deviation (plus a few float32 roundings of its own size: an outlier's is ~100), dx to 1e-5
+    of its largest value."""
+    x = _hard_float32(shape, case, dim).requires_grad_()
+    p = spec.plan(kind, shape, groups=kw.get("groups"), normalized_ndim=1 if kind == "layer" else None)
+    y_ref, cache = reference.forward(x.detach().double().numpy(), None, None, 1e-5, p)
+    y = _run(kind, shape, kw, x, None, None)
+    torch.testing.assert_close(y.double(), torch.tensor(y_ref), atol=1e-5, rtol=5e-7)
+    dy = torch.randn(shape)
+    dx = torch.autograd.grad(y, x, dy)[0]
+    dx_ref = torch.tensor(reference.backward(dy.double().numpy(), cache)[0])
+    torch.testing.assert_close(dx.double(), dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("kind, shape, kw", [("batch", (5, 3), {}), ("batch", (3, 2, 2, 3), {"cl": True}),

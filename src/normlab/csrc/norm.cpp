@@ -123,6 +123,7 @@ struct Geometry {
 constexpr int64_t kGrain = int64_t{1} << 14;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kFlush = 16;  // float32 sums run over at most this many rows before they go into float64 ones
+constexpr int64_t kTileRows = 32;  // rows per tile of rows_moments' float32 sums, and the least rows per chunk
 
 inline int64_t chunks(int64_t items, int64_t values_per_item) {
   return std::max<int64_t>(1, std::min({items, kMaxChunks, items * values_per_item / kGrain}));
@@ -157,21 +158,107 @@ inline void run_sums(const T* __restrict x, int64_t n, double shift, double& sum
   sumsq += s2;
 }
 
-// per channel: sum[i] += x[i] - shift[i], sumsq[i] += (x[i] - shift[i])^2, over NR rows ld apart (the "row"
-// loops below take NR rows at a time, so that each per-channel array is read and written once per NR rows)
+// Lanes of a reduction: four vectors' worth of independent accumulators (16 float32 or 8 float64 per AVX-512
+// vector), so that the adds of consecutive vectors do not wait on each other (one accumulator vector waits an add's
+// latency, about 4 cycles, per vector). Summed at the end in a fixed order.
+template <typename T>
+constexpr int kAccLanes = 4 * 64 / static_cast<int>(sizeof(T));
+
+template <typename T, int W>
+inline T lanes_total(const T (&a)[W]) {
+  T b[W / 2];
+  for (int j = 0; j < W / 2; ++j) b[j] = a[j] + a[j + W / 2];
+  if constexpr (W / 2 == 1) return b[0];
+  else return lanes_total(b);
+}
+
+// Moments of values: their count, mean and M2 = sum (x - mean)^2; merge() adds two sets (Chan, Golub and LeVeque's
+// pairwise update, in float64), in an order fixed by the caller.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(const Moments& o) {
+    const double total = n + o.n, d = o.mean - mean;
+    mean += d * (o.n / total);
+    m2 += o.m2 + d * d * (n * o.n / total);
+    n = total;
+  }
+};
+
+// A block is at most kBlock contiguous values (64 KiB of float32 in two passes fit L2, a run of most shapes L1).
+constexpr int64_t kBlock = 4096;
+
+// The moments of one block in x's own lanes (16 float32 per AVX-512 vector; float64 for float64), no float32 sum
+// running over more than kBlock / kAccLanes values: sums of d = x - x[0] and d^2, and m1 = x[0] + mean(d). When
+// x[0] lies within about a standard deviation of the mean (E[d]^2 <= E[d^2] / 2), E[d^2] - E[d]^2 loses at most a
+// bit and that is the variance; otherwise (x[0] an outlier) a second pass sums d = x - m1 (m1 as hi + lo, see
+// run_apply), centred values whose sums give M2 and correct m1 (the corrected two-pass algorithm), so a large mean
+// or an outlier loses no digits of the spread.
+template <typename T>
+inline Moments block_moments(const T* __restrict x, int64_t n) {
+  constexpr int W = kAccLanes<T>;
+  const T shift = x[0];
+  T s1[W] = {}, s2[W] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      const T d = x[i + j] - shift;
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+  for (int64_t j = i; j < n; ++j) {
+    const T d = x[j] - shift;
+    s1[j - i] += d;
+    s2[j - i] += d * d;
+  }
+  const double e1 = static_cast<double>(lanes_total(s1)) / n, e2 = static_cast<double>(lanes_total(s2)) / n;
+  const double m1 = static_cast<double>(shift) + e1;
+  if (std::is_same_v<T, double> || e1 * e1 <= 0.5 * e2)
+    return {static_cast<double>(n), m1, std::max(e2 - e1 * e1, 0.0) * n};
+  const T hi = static_cast<T>(m1), lo = static_cast<T>(m1 - static_cast<double>(hi));
+  T t1[W] = {}, t2[W] = {};
+  for (i = 0; i + W <= n; i += W) {
+#pragma omp simd
+    for (int j = 0; j < W; ++j) {
+      const T d = x[i + j] - hi - lo;
+      t1[j] += d;
+      t2[j] += d * d;
+    }
+  }
+  for (int64_t j = i; j < n; ++j) {
+    const T d = x[j] - hi - lo;
+    t1[j - i] += d;
+    t2[j - i] += d * d;
+  }
+  const double c1 = static_cast<double>(lanes_total(t1)), c = c1 / n;
+  return {static_cast<double>(n), m1 + c, std::max(static_cast<double>(lanes_total(t2)) - c1 * c, 0.0)};
+}
+
+// The moments of a contiguous run, block by block, merged in order.
+template <typename T>
+inline Moments run_moments(const T* x, int64_t n) {
+  Moments acc = block_moments(x, std::min(n, kBlock));
+  for (int64_t i = kBlock; i < n; i += kBlock) acc.merge(block_moments(x + i, std::min(kBlock, n - i)));
+  return acc;
+}
+
+// per channel: s1[i] += x[i] - shift[i], s2[i] += (x[i] - shift[i])^2, over NR rows ld apart, in x's own lanes
+// (the "row" loops below take NR rows at a time, so that each per-channel array is read and written once per NR
+// rows)
 template <int NR, typename T>
-inline void row_sums(const T* __restrict x, int64_t n, int64_t ld, const double* __restrict shift,
-                     double* __restrict sum, double* __restrict sumsq) {
+inline void row_sums(const T* __restrict x, int64_t n, int64_t ld, const T* __restrict shift, T* __restrict s1,
+                     T* __restrict s2) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    double s1 = 0, s2 = 0;
+    T a = 0, b = 0;
     for (int r = 0; r < NR; ++r) {
-      const double d = static_cast<double>(x[r * ld + i]) - shift[i];
-      s1 += d;
-      s2 += d * d;
+      const T d = x[r * ld + i] - shift[i];
+      a += d;
+      b += d * d;
     }
-    sum[i] += s1;
-    sumsq[i] += s2;
+    s1[i] += a;
+    s2[i] += b;
   }
 }
 
@@ -327,10 +414,48 @@ inline void finish_stat(double shift, double sum, double sumsq, int64_t m, doubl
 // Statistic b * G + g (g when pooled) reduces channels g*K .. g*K+K-1 over the block's rows. The loops run along the
 // channels, accumulating per channel; groups sum their channels at the merge.
 
+// Per channel, the mean and M2 of `rows` rows of C contiguous channels, tile by tile (kTileRows), in x's own
+// lanes: a tile's sums of d = x - shift and d^2 give its moments (E[d^2] - E[d]^2, see block_moments), merged into
+// the running ones per channel. `shift` (C,) is near each channel's mean (the mean of the block's first rows), so d
+// stays near 0 and E[d^2] - E[d]^2 loses nothing; a tile where some channel's shift lies more than about a standard
+// deviation from the tile's mean is summed again, shifted by its own mean.
+template <typename T>
+void rows_moments(const T* x, int64_t rows, int64_t C, const T* shift0, double* mean, double* m2) {
+  std::vector<T> shift(shift0, shift0 + C), s1(C), s2(C);
+  double n = 0;
+  for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {
+    const int64_t nt = std::min(kTileRows, rows - t0);
+    const T* xt = x + t0 * C;
+    for (int pass = 0; pass < 2; ++pass) {
+      std::fill(s1.begin(), s1.end(), T(0));
+      std::fill(s2.begin(), s2.end(), T(0));
+      by_rows(0, nt, [&](auto NR, int64_t j) { row_sums<NR>(xt + j * C, C, C, shift.data(), s1.data(), s2.data()); });
+      int64_t off_centre = 0;  // channels whose E[d]^2 > E[d^2] / 2
+#pragma omp simd reduction(+ : off_centre)
+      for (int64_t c = 0; c < C; ++c)
+        off_centre += static_cast<double>(s1[c]) * s1[c] > 0.5 * nt * static_cast<double>(s2[c]);
+      if (off_centre == 0 || pass == 1) break;
+      for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(shift[c] + static_cast<double>(s1[c]) / nt);
+    }
+    const double total = n + nt, f = nt / total, h = n * nt / total, inv = 1.0 / nt;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {  // Moments::merge, per channel (the first tile: mean = tm, m2 = tm2)
+      const double e1 = static_cast<double>(s1[c]) * inv, tm = static_cast<double>(shift[c]) + e1;
+      const double tm2 = std::max(static_cast<double>(s2[c]) - e1 * e1 * nt, 0.0);
+      const double d = tm - (n == 0 ? 0.0 : mean[c]), old = n == 0 ? 0.0 : m2[c];
+      mean[c] = (n == 0 ? 0.0 : mean[c]) + d * f;
+      m2[c] = old + tm2 + d * d * h;
+      shift[c] = shift0[c];
+    }
+    n = total;
+  }
+}
+
 struct Rows {
-  int64_t B, RB, P;  // blocks, rows per block, chunks per block
+  int64_t B, RB, P;  // blocks, rows per block, chunks per block (at least kTileRows rows each, where there are)
   explicit Rows(const Geometry& q)
-      : B(q.pool ? 1 : q.N), RB(q.pool ? q.N * q.R : q.R), P(chunks(RB, q.C())) {}
+      : B(q.pool ? 1 : q.N), RB(q.pool ? q.N * q.R : q.R),
+        P(std::max<int64_t>(1, std::min(chunks(RB, q.C()), RB / kTileRows))) {}
   int64_t lo(int64_t p) const { return p * RB / P; }
   int64_t hi(int64_t p) const { return (p + 1) * RB / P; }
 };
@@ -358,27 +483,46 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   const Rows L(q);
   const int64_t C = q.C(), G = q.G, K = q.K;
   if (!given) {
-    std::vector<double> part(L.B * L.P * 2 * C, 0.0), shift(L.B * C);  // per chunk: sum, sumsq; per block's channel
-    for (int64_t bl = 0; bl < L.B; ++bl)
-      for (int64_t c = 0; c < C; ++c) shift[bl * C + c] = x[bl * L.RB * C + (c / K) * K];
+    std::vector<double> part(L.B * L.P * 2 * C);  // per chunk and channel: mean, M2 of the chunk's rows
+    std::vector<T> shift(L.B * C);  // per block and channel: the mean of its first kFlush rows
+    for (int64_t bl = 0; bl < L.B; ++bl) {
+      const int64_t nr = std::min(kFlush, L.RB);
+      for (int64_t c = 0; c < C; ++c) {
+        double a = 0;
+        for (int64_t j = 0; j < nr; ++j) a += x[(bl * L.RB + j) * C + c];
+        shift[bl * C + c] = static_cast<T>(a / nr);
+      }
+    }
     each_chunk(L.B * L.P, [&](int64_t ch) {
       const int64_t bl = ch / L.P, p = ch % L.P;
-      double* sum = part.data() + ch * 2 * C;
-      by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
-        row_sums<NR>(x + (bl * L.RB + j) * C, C, C, shift.data() + bl * C, sum, sum + C);
-      });
+      rows_moments(x + (bl * L.RB + L.lo(p)) * C, L.hi(p) - L.lo(p), C, shift.data() + bl * C,
+                   part.data() + ch * 2 * C, part.data() + ch * 2 * C + C);
     });
-    for (int64_t bl = 0; bl < L.B; ++bl)
-      for (int64_t g = 0; g < G; ++g) {
-        double sum = 0, sumsq = 0;
-        for (int64_t p = 0; p < L.P; ++p)
-          for (int64_t c = g * K; c < g * K + K; ++c) {
-            sum += part[(bl * L.P + p) * 2 * C + c];
-            sumsq += part[(bl * L.P + p) * 2 * C + C + c];
-          }
-        const int64_t s = bl * G + g;
-        finish_stat(shift[bl * C + g * K], sum, sumsq, q.m(), q.eps, mean + s, rstd + s, var + s);
+    std::vector<double> am(C), am2(C);  // per channel: the merged chunks' mean and M2, over `an` rows
+    for (int64_t bl = 0; bl < L.B; ++bl) {
+      double an = 0;
+      for (int64_t p = 0; p < L.P; ++p) {  // Moments::merge per channel, chunk by chunk, vectorized over channels
+        const double* pm = part.data() + (bl * L.P + p) * 2 * C;
+        const double* pm2 = pm + C;
+        const double nt = static_cast<double>(L.hi(p) - L.lo(p)), total = an + nt, f = nt / total,
+                     h = an * nt / total;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double base = an == 0 ? 0.0 : am[c], d = pm[c] - base;
+          am2[c] = (an == 0 ? 0.0 : am2[c]) + pm2[c] + d * d * h;
+          am[c] = base + d * f;
+        }
+        an = total;
       }
+      for (int64_t g = 0; g < G; ++g) {
+        Moments acc;
+        for (int64_t c = g * K; c < g * K + K; ++c) acc.merge({an, am[c], am2[c]});
+        const int64_t s = bl * G + g;
+        var[s] = acc.m2 / acc.n;
+        mean[s] = acc.mean;
+        rstd[s] = 1.0 / std::sqrt(var[s] + q.eps);
+      }
+    }
   }
   std::vector<double> wd, bd, coef;
   affine(w, b, C, wd, bd);
@@ -547,9 +691,13 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   const int64_t G = q.G, K = q.K, R = q.R, KR = K * R, C = q.C(), S = q.stats();
   const bool pool = q.pool;
   auto stat = [G, given, pool](int64_t u) { return given || pool ? u % G : u; };
-  if (!given) {
+  // The input's own per-sample statistics (layer, group, instance norm): a unit is its statistic's values, so each
+  // unit's moments are taken and applied at once, while the unit is in cache. Pooled ones (batch norm) need every
+  // sample's sums first: sums of d = x - shift per unit, then the merge, then the apply.
+  const bool per_unit = !given && !pool;
+  if (!given && pool) {
     std::vector<double> part(L.U * 2), shift(S);  // per unit: sum, sumsq; per statistic: its first value
-    for (int64_t s = 0; s < S; ++s) shift[s] = x[s * KR];  // s = n * G + g (pooled: n = 0)
+    for (int64_t s = 0; s < S; ++s) shift[s] = x[s * KR];  // s = g (n = 0)
     each_chunk(L.P, [&](int64_t p) {
       for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
         part[2 * u] = part[2 * u + 1] = 0;
@@ -572,9 +720,16 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
     wf[c] = static_cast<float>(wd[c]);
     bf[c] = static_cast<float>(bd[c]);
   }
-  each_chunk(L.P, [&, slope](int64_t p) {
+  const double eps = q.eps;
+  each_chunk(L.P, [&, slope, eps](int64_t p) {
     for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
       const int64_t s = stat(u), g = u % G;
+      if (per_unit) {
+        const Moments mo = run_moments(x + u * KR, KR);
+        var[s] = mo.m2 / mo.n;
+        mean[s] = mo.mean;
+        rstd[s] = 1.0 / std::sqrt(var[s] + eps);
+      }
       if (R == 1) {  // a row of K channels
         const T* __restrict xs = x + u * K;
         T* __restrict ys = y + u * K;
@@ -601,20 +756,15 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
 }
 
 // Layer norm's backward sums for float32 rows (R == 1) without a transcendental activation, in float32 lanes: per
-// row its sums of w dz and w dz xhat (K values, 16 lanes), and per channel its sums of dz and dz xhat over the rows,
-// kept in float32 for at most kFlush rows and then added to the chunk's float64 partials, so that no float32 sum
-// runs over more than kFlush values. The mean as hi + lo floats, as in run_apply.
-template <int A, typename Stat>
+// row its sums of w dz and w dz xhat (K values, 16 lanes), handed to done(u, sum w dz, sum w dz xhat) at once, and
+// per channel its sums of dz and dz xhat over the rows, kept in float32 for at most kFlush rows and then added to
+// the chunk's float64 partials, so that no float32 sum runs over more than kFlush values. The mean as hi + lo
+// floats, as in run_apply.
+template <int A, typename Stat, typename Done>
 void rows_grad_sums_f32(const Planes& L, Stat stat, int64_t G, int64_t K, const float* x, const float* dy,
-                        const double* mean, const double* rstd, const std::vector<double>& wd,
-                        const std::vector<double>& bd, double slope, std::vector<double>& part,
-                        std::vector<double>& unit) {
+                        const double* mean, const double* rstd, const std::vector<float>& wf,
+                        const std::vector<float>& bf, double slope, std::vector<double>& part, Done done) {
   const int64_t C = G * K;
-  std::vector<float> wf(C), bf(C);
-  for (int64_t c = 0; c < C; ++c) {
-    wf[c] = static_cast<float>(wd[c]);
-    bf[c] = static_cast<float>(bd[c]);
-  }
   const float sl = static_cast<float>(slope);
   each_chunk(L.P, [&, sl](int64_t p) {
     double* sdz = part.data() + p * 2 * C;
@@ -641,8 +791,7 @@ void rows_grad_sums_f32(const Planes& L, Stat stat, int64_t G, int64_t K, const 
         a += wc[k] * dz;
         c += wc[k] * dz * xhat;
       }
-      unit[2 * u] = a;
-      unit[2 * u + 1] = c;
+      done(u, a, c);
       if (++rows == kFlush || u + 1 == L.hi(p)) {
         for (int64_t i = 0; i < C; ++i) {
           sdz[i] += fz[i];
@@ -666,58 +815,105 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   auto stat = [G, input_stats, pool](int64_t u) { return !input_stats || pool ? u % G : u; };
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
-  // per chunk and channel: sum dz, sum dz * xhat; per unit: sum dxhat, sum dxhat * xhat
-  std::vector<double> part(L.P * 2 * C, 0.0), unit(L.U * 2, 0.0);
   constexpr bool f32 = kFloatLanes<T, A>;
-  bool summed = false;
-  if constexpr (f32) {
-    if (R == 1) {  // float32 rows of K channels (layer norm): the sums in float32 lanes, see rows_grad_sums_f32
-      rows_grad_sums_f32<A>(L, stat, G, K, x, dy, mean, rstd, wd, bd, slope, part, unit);
-      summed = true;
-    }
-  }
-  if (!summed) each_chunk(L.P, [&, slope](int64_t p) {
-    double* sdz = part.data() + p * 2 * C;
-    double* sdzx = sdz + C;
-    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
-      const int64_t s = stat(u), g = u % G;
-      const double mu = mean[s], rs = rstd[s];
-      double sdx = 0, sdxx = 0;
-      if (R == 1) {  // a row of K channels: per channel sums and the row's weighted ones in one loop
-        const T *xs = x + u * K, *dys = dy + u * K;
-        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
-        double *pz = sdz + g * K, *pzx = sdzx + g * K;
-#pragma omp simd reduction(+ : sdx, sdxx)
-        for (int64_t k = 0; k < K; ++k) {
-          double xhat;
-          const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
-          pz[k] += dz;
-          pzx[k] += dz * xhat;
-          sdx += wc[k] * dz;
-          sdxx += wc[k] * dz * xhat;
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t c = g * K + k, off = u * KR + k * R;
-          double a1 = 0, a2 = 0;
-          run_grad_sums<T, A>(x + off, dy + off, R, mu, rs, wd[c], bd[c], slope, a1, a2);
-          sdz[c] += a1;
-          sdzx[c] += a2;
-          sdx += wd[c] * a1;
-          sdxx += wd[c] * a2;
-        }
-      }
-      unit[2 * u] = sdx;
-      unit[2 * u + 1] = sdxx;
-    }
-  });
-  add_partials(part, L.P, C, dw, db);
-  if (!dx) return;
   std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
   for (size_t c = 0; c < wf.size(); ++c) {
     wf[c] = static_cast<float>(wd[c]);
     bf[c] = static_cast<float>(bd[c]);
   }
+  // dx of unit u from its statistic's c1 = E[dxhat], c2 = E[dxhat * xhat] (0 for given statistics)
+  auto dx_unit = [&, slope](int64_t u, double c1, double c2) {
+    const int64_t s = stat(u), g = u % G;
+    const double mu = mean[s], rs = rstd[s];
+    if (R == 1) {
+      const T* __restrict xs = x + u * K;
+      const T* __restrict dys = dy + u * K;
+      T* __restrict dxs = dx + u * K;
+      if constexpr (f32) {  // float32 lanes (the mean as hi + lo, as in run_apply)
+        const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
+        const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2), sl = static_cast<float>(slope);
+        const float *wc = wf.data() + g * K, *bc = bf.data() + g * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          const float xhat = (xs[k] - hi - lo) * r;
+          const float dz = dys[k] * act_grad_f<A>(xhat * wc[k] + bc[k], sl);
+          dxs[k] = r * (dz * wc[k] - f1 - xhat * f2);
+        }
+      } else {
+        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) {
+          double xhat;
+          const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
+          dxs[k] = static_cast<T>(rs * (dz * wc[k] - c1 - xhat * c2));
+        }
+      }
+      return;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t c = g * K + k, off = u * KR + k * R;
+      run_dx<T, A>(x + off, dy + off, dx + off, R, mu, rs, wd[c], bd[c], c1, c2, slope);
+    }
+  };
+  // The input's own per-sample statistics (layer, group, instance norm): a unit is one statistic, so its dx follows
+  // its sums at once, while the unit is in cache. Otherwise the units' sums are merged per statistic first.
+  const bool per_unit = input_stats && !pool;
+  std::vector<double> unit(per_unit ? 0 : L.U * 2, 0.0);  // per unit: sum dxhat, sum dxhat * xhat
+  auto done = [&](int64_t u, double sdx, double sdxx) {
+    if (!per_unit) {
+      unit[2 * u] = sdx;
+      unit[2 * u + 1] = sdxx;
+    } else if (dx) {
+      dx_unit(u, sdx / m, sdxx / m);
+    }
+  };
+  // per chunk and channel: sum dz, sum dz * xhat
+  std::vector<double> part(L.P * 2 * C, 0.0);
+  if (input_stats || dw || db) {
+    bool summed = false;
+    if constexpr (f32) {
+      if (R == 1) {  // float32 rows of K channels (layer norm): the sums in float32 lanes, see rows_grad_sums_f32
+        rows_grad_sums_f32<A>(L, stat, G, K, x, dy, mean, rstd, wf, bf, slope, part, done);
+        summed = true;
+      }
+    }
+    if (!summed) each_chunk(L.P, [&, slope](int64_t p) {
+      double* sdz = part.data() + p * 2 * C;
+      double* sdzx = sdz + C;
+      for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
+        const int64_t s = stat(u), g = u % G;
+        const double mu = mean[s], rs = rstd[s];
+        double sdx = 0, sdxx = 0;
+        if (R == 1) {  // a row of K channels: per channel sums and the row's weighted ones in one loop
+          const T *xs = x + u * K, *dys = dy + u * K;
+          const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
+          double *pz = sdz + g * K, *pzx = sdzx + g * K;
+#pragma omp simd reduction(+ : sdx, sdxx)
+          for (int64_t k = 0; k < K; ++k) {
+            double xhat;
+            const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
+            pz[k] += dz;
+            pzx[k] += dz * xhat;
+            sdx += wc[k] * dz;
+            sdxx += wc[k] * dz * xhat;
+          }
+        } else {
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t c = g * K + k, off = u * KR + k * R;
+            double a1 = 0, a2 = 0;
+            run_grad_sums<T, A>(x + off, dy + off, R, mu, rs, wd[c], bd[c], slope, a1, a2);
+            sdz[c] += a1;
+            sdzx[c] += a2;
+            sdx += wd[c] * a1;
+            sdxx += wd[c] * a2;
+          }
+        }
+        done(u, sdx, sdxx);
+      }
+    });
+    add_partials(part, L.P, C, dw, db);
+  }
+  if (!dx || per_unit) return;
   std::vector<double> cx(2 * S, 0.0);
   if (input_stats) {
     for (int64_t u = 0; u < L.U; ++u) {
@@ -726,39 +922,8 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
     }
     for (int64_t i = 0; i < 2 * S; ++i) cx[i] /= m;
   }
-  each_chunk(L.P, [&, slope](int64_t p) {
-    for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
-      const int64_t s = stat(u), g = u % G;
-      const double mu = mean[s], rs = rstd[s], c1 = cx[2 * s], c2 = cx[2 * s + 1];
-      if (R == 1) {
-        const T *xs = x + u * K, *dys = dy + u * K;
-        T* dxs = dx + u * K;
-        if constexpr (f32) {  // float32 lanes (the mean as hi + lo, as in run_apply)
-          const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
-          const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2), sl = static_cast<float>(slope);
-          const float *wc = wf.data() + g * K, *bc = bf.data() + g * K;
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) {
-            const float xhat = (xs[k] - hi - lo) * r;
-            const float dz = dys[k] * act_grad_f<A>(xhat * wc[k] + bc[k], sl);
-            dxs[k] = r * (dz * wc[k] - f1 - xhat * f2);
-          }
-          continue;
-        }
-        const double *wc = wd.data() + g * K, *bc = bd.data() + g * K;
-#pragma omp simd
-        for (int64_t k = 0; k < K; ++k) {
-          double xhat;
-          const double dz = dz_at<A>(xs[k], dys[k], mu, rs, wc[k], bc[k], slope, xhat);
-          dxs[k] = static_cast<T>(rs * (dz * wc[k] - c1 - xhat * c2));
-        }
-        continue;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t c = g * K + k, off = u * KR + k * R;
-        run_dx<T, A>(x + off, dy + off, dx + off, R, mu, rs, wd[c], bd[c], c1, c2, slope);
-      }
-    }
+  each_chunk(L.P, [&](int64_t p) {
+    for (int64_t u = L.lo(p); u < L.hi(p); ++u) dx_unit(u, cx[2 * stat(u)], cx[2 * stat(u) + 1]);
   });
 }
 
