@@ -195,9 +195,32 @@ def test_what_it_refuses():
     x = torch.randn(4, 3)
     assert native.supports(x, call)
     assert not native.supports(x.bfloat16(), call)
-    assert not native.supports(x[:0], call)
+    assert not native.supports(x[:0], spec.call("batch", (0, 3), 1e-5))
     assert not native.supports(x, call, w=torch.ones(3, dtype=torch.float64))  # weight in another dtype
-    assert not native.supports(x, call, w=torch.ones(6)[::2])  # a strided weight
+    running = spec.Running(torch.zeros(6)[::2], torch.ones(3), 0.1)
+    assert not native.supports(x, call, running=running)  # a strided running buffer (updated in place)
+
+
+def test_strided_weight_and_other_devices():
+    """A strided weight, bias or given statistic is made contiguous on the C++ side (gradients still reach it);
+    a tensor on another device is an error naming it, as torch's own is."""
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(6, dtype=torch.float64)[::2], torch.rand(6, dtype=torch.float64)[::2] + 0.5
+    for training in (True, False):
+        y = F.batch_norm(x, rm.clone() if training else rm, rv.clone() if training else rv, w[::2], b, training)
+        # torch's reference with a contiguous weight: torch 2.13's own CPU backward in eval reads a strided weight as
+        # if it were contiguous (its dx then takes w[0], w[1], w[2] for w[::2]'s w[0], w[2], w[4])
+        y_ref = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w[::2].contiguous(), b, training)
+        torch.testing.assert_close(y, y_ref)
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, w), torch.ones_like(y))
+        torch.testing.assert_close(gx, gx_ref)
+        torch.testing.assert_close(gw, gw_ref)
+    meta = torch.ones(3, dtype=torch.float64, device="meta")
+    with pytest.raises(RuntimeError, match="expected weight on the CPU"):
+        F.batch_norm(x, None, None, meta, b, True)
 
 
 def test_without_a_build_the_other_paths_run(monkeypatch, tmp_path):

@@ -49,16 +49,25 @@ def _load(name: str) -> ModuleType | None:
 
 
 @functools.cache
-def _parse(value: str) -> str:
-    value = value.strip().lower() or "auto"
+def _parse(value: str | bytes | None) -> str:
+    value = (os.fsdecode(value) if value is not None else "").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"NORMLAB_BACKEND must be one of {CHOICES}, got {value!r}")
     return value
 
 
+# CPython keeps os.environ's values in the dict os.environ._data, under encoded keys, and os.environ[...] = v (as
+# monkeypatch.setenv) updates it: one dict lookup reads the variable without os.environ.get's encode and decode
+# (0.05 µs instead of 0.9, on every norm call). Elsewhere, os.environ.get.
+_ENVIRON = getattr(os.environ, "_data", None)
+_KEY = os.environ.encodekey("NORMLAB_BACKEND") if _ENVIRON is not None and hasattr(os.environ, "encodekey") else None
+
+
 def choice() -> str:
     """The backend asked for by ``NORMLAB_BACKEND``."""
-    return _parse(os.environ.get("NORMLAB_BACKEND", "auto"))
+    if _KEY is not None:
+        return _parse(_ENVIRON.get(_KEY))
+    return _parse(os.environ.get("NORMLAB_BACKEND"))
 
 
 def graph_path(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None,
@@ -68,7 +77,7 @@ def graph_path(x: torch.Tensor, w, b, call: Call, stats=None, running: Running |
     ``norm(x, w, b, call, stats, running)``; None for the backends of :func:`select` (``grad``: a gradient is
     wanted, a training step rather than a forward alone)."""
     want = choice()
-    if want in ("auto", "native") and native.supports(x, call, w, b, stats, running):
+    if (want == "auto" or want == "native") and native.supports(x, call, w, b, stats, running):
         if want == "native" or native.available():  # forced but not built: its norm raises, naming why
             return native
     if want in ("auto", "aten") and aten_ops.supports(x, call, stats, running):

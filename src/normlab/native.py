@@ -128,21 +128,24 @@ _DTYPES = (torch.float32, torch.float64)
 
 
 def supports(x: torch.Tensor, call: Call, w=None, b=None, stats=None, running: Running | None = None) -> bool:
-    """Whether this path normalizes ``x``: a dense float32/float64 CPU tensor with values, whose weight, bias and
-    given statistics (if any) are contiguous CPU tensors of its dtype and whose running buffers are contiguous
-    float32/float64 CPU tensors; running buffers only for per-channel statistics (batch and instance norm). Read on
-    every call: the cheap tests only."""
+    """Whether this path normalizes ``x``: a dense, non-empty float32/float64 CPU tensor whose weight, bias and given
+    statistics (if any) have its dtype and whose running buffers are contiguous float32/float64 tensors of one dtype;
+    running buffers only for per-channel statistics (batch and instance norm). Read on every call, so only the tests
+    that decide between paths: the C++ side makes weight, bias and given statistics contiguous and checks that every
+    tensor is on the CPU (an error, as torch's for tensors on two devices)."""
     dtype = x.dtype
-    if dtype not in _DTYPES or not x.is_cpu or x.layout is not torch.strided or not x.numel():
+    if (dtype is not torch.float32 and dtype is not torch.float64) or not x.is_cpu or x.layout is not torch.strided \
+            or not call.plan.numel:
         return False
-    for t in (w, b) if stats is None else (w, b, *stats):
-        if t is not None and (t.dtype is not dtype or not t.is_cpu or not t.is_contiguous()):
-            return False
+    if (w is not None and w.dtype is not dtype) or (b is not None and b.dtype is not dtype):
+        return False
+    if stats is not None and (stats[0].dtype is not dtype or stats[1].dtype is not dtype):
+        return False
     if running is None:
         return True
     rm, rv = running.mean, running.var
-    return (call.plan.K == 1 and rm.dtype in _DTYPES and rv.dtype is rm.dtype and rm.is_cpu and rv.is_cpu
-            and rm.is_contiguous() and rv.is_contiguous())
+    return (call.plan.K == 1 and rm.dtype in _DTYPES and rv.dtype is rm.dtype and rm.is_contiguous()
+            and rv.is_contiguous())
 
 
 def norm(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None) -> torch.Tensor:

@@ -128,7 +128,7 @@ class _BatchNorm(_Fused):
 
     def _check_channels(self, input: torch.Tensor) -> None:
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
+        if input.size(1) != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) expects {self.num_features} channels at dim 1, "
                 f"got input of shape {tuple(input.shape)}"
@@ -162,8 +162,7 @@ class _BatchNorm(_Fused):
             self._warn_skipped()
         return y
 
-    def _batch_norm(self, *args, **kwargs) -> torch.Tensor:
-        return F.batch_norm(*args, **kwargs)
+    _batch_norm = staticmethod(F.batch_norm)  # a method where the norm differs (SyncBatchNorm)
 
     def train(self, mode: bool = True):
         if not mode:

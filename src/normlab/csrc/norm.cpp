@@ -67,11 +67,16 @@ inline double act_grad(double v, double slope) {
   else return 1.0;
 }
 
-// relu and leaky_relu in float32 lanes (the float32 apply; the transcendental ones stay float64)
+// The same in float32 lanes, for float32 inputs (torch's float32 activations are float32 too): with glibc's vector
+// math library (see normlab.native's flags) expf, tanhf and erff vectorize, 16 lanes a vector.
 template <int A>
 inline float act_fn_f(float v, float slope) {
   if constexpr (A == RELU) return std::max(v, 0.0f);
   else if constexpr (A == LEAKY_RELU) return std::max(v, 0.0f) + slope * std::min(v, 0.0f);
+  else if constexpr (A == SIGMOID) return 1.0f / (1.0f + expf(-v));
+  else if constexpr (A == TANH) return tanhf(v);
+  else if constexpr (A == SILU) return v / (1.0f + expf(-v));
+  else if constexpr (A == GELU) return 0.5f * v * (1.0f + erff(v * static_cast<float>(kInvSqrt2)));
   else return v;
 }
 
@@ -79,12 +84,19 @@ template <int A>
 inline float act_grad_f(float v, float slope) {
   if constexpr (A == RELU) return static_cast<float>(v > 0);
   else if constexpr (A == LEAKY_RELU) { const float pos = static_cast<float>(v > 0); return pos + (1.0f - pos) * slope; }
+  else if constexpr (A == SIGMOID) { const float s = 1.0f / (1.0f + expf(-v)); return s * (1.0f - s); }
+  else if constexpr (A == TANH) { const float t = tanhf(v); return 1.0f - t * t; }
+  else if constexpr (A == SILU) { const float s = 1.0f / (1.0f + expf(-v)); return s * (1.0f + v * (1.0f - s)); }
+  else if constexpr (A == GELU)
+    return 0.5f * (1.0f + erff(v * static_cast<float>(kInvSqrt2))) +
+           v * expf(-0.5f * v * v) * static_cast<float>(kInvSqrt2Pi);
   else return 1.0f;
 }
 
-// float32 inputs whose activation is cheap (none, relu, leaky_relu) run the apply and the backward in float32 lanes
+// float32 inputs run the apply, the activation and the backward in float32 lanes (the mean as two floats, hi + lo,
+// see run_apply; sums flushed into float64 ones every kFlush rows or kBlock values); float64 inputs in float64
 template <typename T, int A>
-constexpr bool kFloatLanes = std::is_same_v<T, float> && A != SIGMOID && A != TANH && A != SILU && A != GELU;
+constexpr bool kFloatLanes = std::is_same_v<T, float>;
 
 // Calls fn(std::integral_constant<int, act>) for a run-time act.
 template <typename F>
@@ -316,20 +328,49 @@ inline double dz_at(double x, double dy, double mu, double rs, double wc, double
   else return dy * act_grad<A>(xhat * wc + bc, slope);
 }
 
-// sums over the run of dz and dz * xhat, one statistic and channel
+// sums over the run of dz and dz * xhat, one statistic and channel; float32 in float32 lanes, kAccLanes accumulators
+// each, block by block (kBlock values) into the float64 sums
 template <typename T, int A>
 inline void run_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, double mu, double rs, double wc,
                           double bc, double slope, double& sdz, double& sdzx) {
-  double s1 = 0, s2 = 0;
+  if constexpr (kFloatLanes<T, A>) {
+    constexpr int W = kAccLanes<float>;
+    const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
+    const float w = static_cast<float>(wc), b = static_cast<float>(bc), sl = static_cast<float>(slope);
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t i1 = std::min(n, i0 + kBlock);
+      float a[W] = {}, c[W] = {};
+      int64_t i = i0;
+      for (; i + W <= i1; i += W) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          const float xhat = (x[i + j] - hi - lo) * r;
+          const float dz = dy[i + j] * act_grad_f<A>(xhat * w + b, sl);
+          a[j] += dz;
+          c[j] += dz * xhat;
+        }
+      }
+      for (int64_t j = i; j < i1; ++j) {
+        const float xhat = (x[j] - hi - lo) * r;
+        const float dz = dy[j] * act_grad_f<A>(xhat * w + b, sl);
+        a[j - i] += dz;
+        c[j - i] += dz * xhat;
+      }
+      sdz += lanes_total(a);
+      sdzx += lanes_total(c);
+    }
+  } else {
+    double s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
-  for (int64_t i = 0; i < n; ++i) {
-    double xhat;
-    const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
-    s1 += dz;
-    s2 += dz * xhat;
+    for (int64_t i = 0; i < n; ++i) {
+      double xhat;
+      const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
+      s1 += dz;
+      s2 += dz * xhat;
+    }
+    sdz += s1;
+    sdzx += s2;
   }
-  sdz += s1;
-  sdzx += s2;
 }
 
 // per channel: sdz[i] += dz, sdzx[i] += dz * xhat, over NR rows ld apart
@@ -356,11 +397,23 @@ inline void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t
 template <typename T, int A>
 inline void run_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n, double mu, double rs,
                    double wc, double bc, double c1, double c2, double slope) {
+  if constexpr (kFloatLanes<T, A>) {
+    const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
+    const float w = static_cast<float>(wc), b = static_cast<float>(bc), sl = static_cast<float>(slope);
+    const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    double xhat;
-    const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
-    dx[i] = static_cast<T>(rs * (dz * wc - c1 - xhat * c2));
+    for (int64_t i = 0; i < n; ++i) {
+      const float xhat = (x[i] - hi - lo) * r;
+      const float dz = dy[i] * act_grad_f<A>(xhat * w + b, sl);
+      dx[i] = r * (dz * w - f1 - xhat * f2);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      double xhat;
+      const double dz = dz_at<A>(x[i], dy[i], mu, rs, wc, bc, slope, xhat);
+      dx[i] = static_cast<T>(rs * (dz * wc - c1 - xhat * c2));
+    }
   }
 }
 
@@ -755,7 +808,7 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   });
 }
 
-// Layer norm's backward sums for float32 rows (R == 1) without a transcendental activation, in float32 lanes: per
+// Layer norm's backward sums for float32 rows (R == 1), in float32 lanes: per
 // row its sums of w dz and w dz xhat (K values, 16 lanes), handed to done(u, sum w dz, sum w dz xhat) at once, and
 // per channel its sums of dz and dz xhat over the rows, kept in float32 for at most kFlush rows and then added to
 // the chunk's float64 partials, so that no float32 sum runs over more than kFlush values. The mean as hi + lo
@@ -972,7 +1025,10 @@ Tensor activation_of(const Tensor& x, int64_t act, double slope) {
   with_act(act, [&](auto A) {
     at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
 #pragma omp simd
-      for (int64_t i = lo; i < hi; ++i) ap[i] = static_cast<T>(act_fn<A>(xp[i], slope));
+      for (int64_t i = lo; i < hi; ++i) {
+        if constexpr (kFloatLanes<T, A>) ap[i] = act_fn_f<A>(xp[i], static_cast<float>(slope));
+        else ap[i] = static_cast<T>(act_fn<A>(xp[i], slope));
+      }
     });
   });
   return a;
@@ -985,7 +1041,10 @@ void times_activation_grad(Tensor& dx, const Tensor& x, int64_t act, double slop
   with_act(act, [&](auto A) {
     at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
 #pragma omp simd
-      for (int64_t i = lo; i < hi; ++i) dp[i] = static_cast<T>(dp[i] * act_grad<A>(xp[i], slope));
+      for (int64_t i = lo; i < hi; ++i) {
+        if constexpr (kFloatLanes<T, A>) dp[i] *= act_grad_f<A>(xp[i], static_cast<float>(slope));
+        else dp[i] = static_cast<T>(dp[i] * act_grad<A>(xp[i], slope));
+      }
     });
   });
 }
@@ -1162,10 +1221,25 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
   }
 };
 
-Tensor norm(const Tensor& x, const Opt& w, const Opt& b, const Opt& given_mean, const Opt& given_var,
+// A read-only argument on the CPU, contiguous (a copy, differentiable, only where it is not).
+Opt cpu_contiguous(const Opt& t, const char* name) {
+  if (!t) return t;
+  TORCH_CHECK(t->is_cpu(), "normlab's native CPU norm: expected ", name, " on the CPU (as the input), got it on ",
+              t->device());
+  return t->contiguous();
+}
+
+Tensor norm(const Tensor& x, const Opt& w_, const Opt& b_, const Opt& given_mean_, const Opt& given_var_,
             const Opt& running_mean, const Opt& running_var, const Opt& num_batches_tracked, const Opt& num_skipped,
             std::vector<int64_t> view, bool pool, bool channels_last, double eps, double momentum, int64_t act,
             double slope, bool act_first) {
+  const Opt w = cpu_contiguous(w_, "weight"), b = cpu_contiguous(b_, "bias");
+  const Opt given_mean = cpu_contiguous(given_mean_, "the given mean");
+  const Opt given_var = cpu_contiguous(given_var_, "the given variance");
+  for (const Opt* t : {&running_mean, &running_var, &num_batches_tracked, &num_skipped})  // updated in place
+    TORCH_CHECK(!*t || ((*t)->is_cpu() && (*t)->is_contiguous()),
+                "normlab's native CPU norm: expected contiguous running buffers on the CPU, got one on ",
+                (*t)->device());
   const bool grad = torch::autograd::GradMode::is_enabled() &&
                     (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
   if (!grad)  // nothing to differentiate: no node, nothing saved
