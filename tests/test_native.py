@@ -85,6 +85,29 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("shape, kw", [((300, 37), {}), ((60, 100), {}), ((7, 3, 5, 20), {"cl": True}),
+                                       ((40, 768), {"layer": True})])
+@pytest.mark.parametrize("activation", ["sigmoid", "gelu", "tanh", "silu", "leaky_relu"])
+@pytest.mark.parametrize("need", ["all", "x", "w"])
+def test_float32_lanes_match_the_torch_path(shape, kw, activation, need, monkeypatch):
+    """float32 rows in float32 lanes (whole vectors, the last one overlapping; dz kept in dx between the backward's
+    passes), against the torch path: y, dx, dw, db to float32's tolerances, whichever gradients are asked for."""
+    kind = "layer" if kw.get("layer") else "batch"
+    c = shape[-1] if kind == "layer" else shape[1]
+    x = (torch.randn(shape) * 2 + 3).requires_grad_(need in ("all", "x"))
+    w = (torch.rand(c) + 0.5).requires_grad_(need in ("all", "w"))
+    b = torch.randn(c, requires_grad=need == "all")
+    dy = torch.randn(shape)
+    out = {}
+    for path in ("native", "torch"):
+        monkeypatch.setenv("NORMLAB_BACKEND", path)
+        y = _run(kind, shape, kw, x, w, b, activation)
+        wrt = [t for t in (x, w, b) if t.requires_grad]
+        out[path] = (y, *torch.autograd.grad(y, wrt, dy))
+    for a, e in zip(out["native"], out["torch"]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
 def _hard_float32(shape, case, dim):
     """float32 data on which float32 sums lose digits unless they are centred: ``large_mean`` (mean 1e4, std 1e-2),
     ``outlier`` (each statistic's first value 1e4 standard deviations out), ``drift`` (the mean moves from 0 to 1e3

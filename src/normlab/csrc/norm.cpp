@@ -98,6 +98,9 @@ inline float act_grad_f(float v, float slope) {
 template <typename T, int A>
 constexpr bool kFloatLanes = std::is_same_v<T, float>;
 
+template <int A>
+constexpr bool kTranscendental = A == SIGMOID || A == TANH || A == SILU || A == GELU;
+
 // Calls fn(std::integral_constant<int, act>) for a run-time act.
 template <typename F>
 void with_act(int64_t act, F&& fn) {
@@ -282,6 +285,21 @@ inline void by_rows(int64_t lo, int64_t hi, F&& fn) {
   for (; j < hi; ++j) fn(std::integral_constant<int, 1>{}, j);
 }
 
+// Loops along a row of n float32 values in whole vectors of kV lanes, so that no value takes a scalar path (a
+// scalar expf in a loop's remainder costs what a vector of 16 does): block(i0, done) for i0 = 0, kV, ..., the last
+// block moved back to end at n (it overlaps the one before; `done` is the first index not yet handled, for loops that
+// accumulate and must skip the lanes below it); rows shorter than kV: one(i) per value.
+constexpr int kV = 16;
+
+template <typename Block, typename One>
+inline void by_vectors(int64_t n, Block&& block, One&& one) {
+  if (n < kV) {
+    for (int64_t i = 0; i < n; ++i) one(i);
+    return;
+  }
+  for (int64_t i = 0; i < n; i += kV) block(std::min(i, n - kV), i);
+}
+
 // y = f((x - mu) * sc + bc), one statistic and channel for the run. float32 runs in float32 lanes (twice as many):
 // the float64 mean as a sum of two floats, mu = hi + lo, so that x - hi - lo keeps the digits x - mu has (x - hi is
 // exact when x is near the mean, the case where they matter), then one rounding per operation, as torch's apply.
@@ -315,9 +333,15 @@ template <int NR, int A>
 inline void row_apply_f(const float* __restrict x, float* __restrict y, int64_t n, int64_t ld,
                         const float* __restrict hi, const float* __restrict lo, const float* __restrict sc,
                         const float* __restrict bc, float slope) {
+  by_vectors(n, [&](int64_t i0, int64_t) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < kV; ++j) {
+      const int64_t i = i0 + j;
+      for (int r = 0; r < NR; ++r) y[r * ld + i] = act_fn_f<A>((x[r * ld + i] - hi[i] - lo[i]) * sc[i] + bc[i], slope);
+    }
+  }, [&](int64_t i) {
     for (int r = 0; r < NR; ++r) y[r * ld + i] = act_fn_f<A>((x[r * ld + i] - hi[i] - lo[i]) * sc[i] + bc[i], slope);
+  });
 }
 
 // xhat = (x - mu) * rs, z = xhat * wc + bc, dz = dy * f'(z)
@@ -632,6 +656,9 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
       f[4 * C + c] = static_cast<float>(bd[c]);
     }
   const float sl = static_cast<float>(slope);
+  // a transcendental activation's dz = dy f'(z) is kept in dx by the sums' pass and read back by dx's, so that
+  // f'(z) is computed once per value
+  const bool keep_dz = f32 && kTranscendental<A> && dx && (input_stats || dw || db);
   if constexpr (f32) {
     if (input_stats || dw || db) {
       each_chunk(L.B * L.P, [&, sl](int64_t ch) {
@@ -645,13 +672,18 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
         for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
           const float* __restrict xs = x + (bl * L.RB + j) * C;
           const float* __restrict dys = dy + (bl * L.RB + j) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
+          float* __restrict dzs = keep_dz ? dx + (bl * L.RB + j) * C : nullptr;
+          auto at = [&](int64_t c, bool use) {
             const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
             const float dz = dys[c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
-            pz[c] += dz;
-            pzx[c] += dz * xhat;
-          }
+            if constexpr (kTranscendental<A>) if (dzs) dzs[c] = dz;
+            pz[c] += use ? dz : 0.0f;
+            pzx[c] += use ? dz * xhat : 0.0f;
+          };
+          by_vectors(C, [&](int64_t c0, int64_t done) {
+#pragma omp simd
+            for (int k = 0; k < kV; ++k) at(c0 + k, c0 + k >= done);
+          }, [&](int64_t c) { at(c, true); });
           if (++rows == kFlush || j + 1 == L.hi(p)) {
             for (int64_t c = 0; c < C; ++c) {
               sdz[c] += pz[c];
@@ -704,6 +736,14 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
         const float* __restrict xs = x + (bl * L.RB + j) * C;
         const float* __restrict dys = dy + (bl * L.RB + j) * C;
         float* __restrict dxs = dx + (bl * L.RB + j) * C;
+        if (keep_dz) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
+            dxs[c] = rs[c] * (dxs[c] * wc[c] - c1[c] - xhat * c2[c]);
+          }
+          continue;
+        }
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
