@@ -6,8 +6,9 @@ a (60, 100) batch is ~70 µs, of which the kernels are ~10. Here the forward (st
 guarded running update) and the backward are each one C++ function, and autograd's node is C++, so a step costs what
 torch.nn's does; the loops vectorize (AVX-512 where the machine has it) and split into chunks that depend on the shape
 only, so results are the same bits on any number of threads. The math is :mod:`normlab.torch_ops`' (the spec's
-``(N, G, K, R)`` view; sums of ``a - shift``, ``shift`` the statistic's first value, in float64, so a large mean
-keeps its digits; ``mean`` and ``rstd`` stay float64 inside the node, so the apply and the backward subtract the
+``(N, G, K, R)`` view; sums in the input's own lanes of values shifted near their mean, summed again centred
+where the shift was off, merged as (count, mean, M2) in float64, so a large mean or an outlier keeps its digits;
+``mean`` and ``rstd`` stay float64 inside the node, so the apply and the backward subtract the
 mean unrounded). An activation placed before the norm (``placement="after"``) is one elementwise pass of its own.
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load` (a C++17 compiler and ninja;

@@ -6,8 +6,7 @@
 // (N, R, C) (the two loop families below):
 //
 //     a = x, or f(x) when ACT_FIRST                       (placement "after": a pass of its own before the loops)
-//     shift = a at the statistic's first position          sums of d = a - shift keep the digits of a large mean
-//     mean = shift + E[d],  var = max(E[d^2] - E[d]^2, 0), rstd = (var + eps)^-1/2
+//     mean = E[a],  var = E[(a - mean)^2],  rstd = (var + eps)^-1/2
 //     xhat = (a - mean) * rstd,  z = xhat * w[c] + b[c],  y = f(z) unless ACT_FIRST
 //
 //     dz = dy * f'(z) unless ACT_FIRST, else dy;  dxhat = dz * w[c]
@@ -16,10 +15,12 @@
 //     da = rstd * dxhat                                                    given statistics (constants)
 //     dx = da * f'(x) when ACT_FIRST, else da
 //
-// A statistic is (n0, g) with n0 = 0 when it pools over the batch (batch norm). Sums are float64, and mean and
-// rstd stay float64 inside the node, which both directions read. Double backward: the node's backward, when a graph
-// of it is asked for, recomputes the forward from differentiable ATen ops and lets autograd differentiate that
-// (slow, exact, rare).
+// A statistic is (n0, g) with n0 = 0 when it pools over the batch (batch norm). Its moments come from sums of
+// d = a - shift with the shift near the mean, E[d^2] - E[d]^2: in x's own lanes, per block or tile, summed again
+// centred where the shift is off, merged as (count, mean, M2) in float64 (block_moments, rows_moments); pooled
+// planes (NCHW batch norm) sum in float64 with the statistic's first value as the shift (run_sums). Mean and rstd
+// stay float64 inside the node, which both directions read. Double backward: the node's backward, when a graph of it is asked for,
+// recomputes the forward from differentiable ATen ops and lets autograd differentiate that (slow, exact, rare).
 
 #include <torch/extension.h>
 
