@@ -19,8 +19,9 @@
 // d = a - shift with the shift near the mean, E[d^2] - E[d]^2: in x's own lanes, per block or tile, summed again
 // centred where the shift is off, merged as (count, mean, M2) in float64 (block_moments, rows_moments); pooled
 // planes (NCHW batch norm) sum in float64 with the statistic's first value as the shift (run_sums). Mean and rstd
-// stay float64 inside the node, which both directions read. Double backward: the node's backward, when a graph of it is asked for,
-// recomputes the forward from differentiable ATen ops and lets autograd differentiate that (slow, exact, rare).
+// stay float64 inside the node, which both directions read. Double backward: the node's backward, when a graph of
+// it is asked for, recomputes the forward from differentiable ATen ops and lets autograd differentiate that (slow,
+// exact, rare).
 
 #include <torch/extension.h>
 
@@ -209,46 +210,40 @@ constexpr int64_t kBlock = 4096;
 // bit and that is the variance; otherwise (x[0] an outlier) a second pass sums d = x - m1 (m1 as hi + lo, see
 // run_apply), centred values whose sums give M2 and correct m1 (the corrected two-pass algorithm), so a large mean
 // or an outlier loses no digits of the spread.
+// sums of d = x - hi - lo and of d^2 over n values, kAccLanes accumulators each
 template <typename T>
-inline Moments block_moments(const T* __restrict x, int64_t n) {
+inline void centred_sums(const T* __restrict x, int64_t n, T hi, T lo, double& s1, double& s2) {
   constexpr int W = kAccLanes<T>;
-  const T shift = x[0];
-  T s1[W] = {}, s2[W] = {};
+  T a[W] = {}, b[W] = {};
   int64_t i = 0;
   for (; i + W <= n; i += W) {
 #pragma omp simd
     for (int j = 0; j < W; ++j) {
-      const T d = x[i + j] - shift;
-      s1[j] += d;
-      s2[j] += d * d;
-    }
-  }
-  for (int64_t j = i; j < n; ++j) {
-    const T d = x[j] - shift;
-    s1[j - i] += d;
-    s2[j - i] += d * d;
-  }
-  const double e1 = static_cast<double>(lanes_total(s1)) / n, e2 = static_cast<double>(lanes_total(s2)) / n;
-  const double m1 = static_cast<double>(shift) + e1;
-  if (std::is_same_v<T, double> || e1 * e1 <= 0.5 * e2)
-    return {static_cast<double>(n), m1, std::max(e2 - e1 * e1, 0.0) * n};
-  const T hi = static_cast<T>(m1), lo = static_cast<T>(m1 - static_cast<double>(hi));
-  T t1[W] = {}, t2[W] = {};
-  for (i = 0; i + W <= n; i += W) {
-#pragma omp simd
-    for (int j = 0; j < W; ++j) {
       const T d = x[i + j] - hi - lo;
-      t1[j] += d;
-      t2[j] += d * d;
+      a[j] += d;
+      b[j] += d * d;
     }
   }
   for (int64_t j = i; j < n; ++j) {
     const T d = x[j] - hi - lo;
-    t1[j - i] += d;
-    t2[j - i] += d * d;
+    a[j - i] += d;
+    b[j - i] += d * d;
   }
-  const double c1 = static_cast<double>(lanes_total(t1)), c = c1 / n;
-  return {static_cast<double>(n), m1 + c, std::max(static_cast<double>(lanes_total(t2)) - c1 * c, 0.0)};
+  s1 = static_cast<double>(lanes_total(a));
+  s2 = static_cast<double>(lanes_total(b));
+}
+
+template <typename T>
+inline Moments block_moments(const T* x, int64_t n) {
+  double s1, s2;
+  centred_sums(x, n, x[0], T(0), s1, s2);
+  const double e1 = s1 / n, e2 = s2 / n, m1 = static_cast<double>(x[0]) + e1;
+  if (std::is_same_v<T, double> || e1 * e1 <= 0.5 * e2)
+    return {static_cast<double>(n), m1, std::max(e2 - e1 * e1, 0.0) * n};
+  const T hi = static_cast<T>(m1), lo = static_cast<T>(m1 - static_cast<double>(hi));
+  centred_sums(x, n, hi, lo, s1, s2);
+  const double c = s1 / n;
+  return {static_cast<double>(n), m1 + c, std::max(s2 - s1 * c, 0.0)};
 }
 
 // The moments of a contiguous run, block by block, merged in order.
