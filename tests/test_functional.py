@@ -216,16 +216,21 @@ def test_backend_choice(monkeypatch):
         assert backend.graph_path(big, None, None, big_call) is native
     assert backend.graph_path(x.bfloat16(), None, None, call) is None  # half precision: the torch path
     assert backend.graph_path(x, torch.ones(3, dtype=torch.float64), None, call) is not native  # mixed dtypes
-    # without the native kernels: ATen's kernels on shifted input where they were measured faster than the loops
+    # without the native kernels: ATen's kernels on shifted input where they were measured faster than the loops,
+    # for a training step (an input that requires grad) or a forward alone
     monkeypatch.setattr(native, "available", lambda: False)
+    x.requires_grad_()
+    big.requires_grad_()
     assert backend.graph_path(x, None, None, call) is aten_ops  # small inputs
     assert backend.graph_path(big, None, None, big_call) is None  # (N, C): the loops' rows of channels
-    planes = torch.empty(8, 64, 16, 16)  # more than SMALL values
+    planes = torch.empty(8, 64, 16, 16, requires_grad=True)  # more than SMALL values
     assert backend.graph_path(planes, None, None, spec.call("batch", planes.shape, 1e-5)) is aten_ops  # short planes
     assert backend.graph_path(channels_last(planes), None, None, spec.call("batch", planes.shape, 1e-5)) is None
     layer = spec.call("layer", big.shape, 1e-5, normalized_ndim=1)
     assert backend.graph_path(big, None, None, layer) is aten_ops  # layer norm: training steps ...
-    assert backend.graph_path(big, None, None, layer, grad=False) is None  # ... not a forward alone
+    assert backend.graph_path(big.detach(), None, None, layer) is None  # ... not a forward alone
+    with torch.no_grad():
+        assert backend.graph_path(big, None, None, layer) is None
     monkeypatch.setenv("NORMLAB_BACKEND", "numba")
     assert backend.graph_path(x, None, None, call) is None
     monkeypatch.setenv("NORMLAB_BACKEND", "aten")

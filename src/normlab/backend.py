@@ -70,18 +70,24 @@ def choice() -> str:
     return _parse(os.environ.get("NORMLAB_BACKEND"))
 
 
-def graph_path(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None,
-               grad: bool = True) -> ModuleType | None:
+def wants_grad(x: torch.Tensor, w, b) -> bool:
+    """Whether autograd will want a gradient of a norm of ``x`` with weight ``w`` and bias ``b`` (a training step
+    rather than a forward alone)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
+    )
+
+
+def graph_path(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None = None) -> ModuleType | None:
     """The path autograd differentiates through C++ nodes that normalizes ``x`` for this call, if one does: the
     native kernels (:mod:`normlab.native`) or ATen's kernels on shifted input (:mod:`normlab.aten_ops`), each with
-    ``norm(x, w, b, call, stats, running)``; None for the backends of :func:`select` (``grad``: a gradient is
-    wanted, a training step rather than a forward alone)."""
+    ``norm(x, w, b, call, stats, running)``; None for the backends of :func:`select`."""
     want = choice()
     if (want == "auto" or want == "native") and native.supports(x, call, w, b, stats, running):
         if want == "native" or native.available():  # forced but not built: its norm raises, naming why
             return native
     if want in ("auto", "aten") and aten_ops.supports(x, call, stats, running):
-        if want == "aten" or aten_ops.pays(x, call, grad):
+        if want == "aten" or aten_ops.pays(x, call, wants_grad(x, w, b)):
             return aten_ops
     return None
 

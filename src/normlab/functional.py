@@ -205,14 +205,11 @@ def _norm(x, w, b, call: Call, stats=None, running: Running | None = None) -> to
         if running is not None:  # the op may not mutate its inputs: the update is traced torch ops
             torch_ops.update_running_stats(running, mean, var, call.plan.m)
         return y
-    grad = torch.is_grad_enabled() and (
-        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
-    )
-    path = backend.graph_path(x, w, b, call, stats, running, grad)
+    path = backend.graph_path(x, w, b, call, stats, running)
     if path is not None:
         return path.norm(x, w, b, call, stats, running)
     impl = backend.select(x, call.plan)
-    if grad:
+    if backend.wants_grad(x, w, b):
         return _NormFunction.apply(x, w, b, call, stats, running, impl)
     return impl.forward(x, w, b, call, stats, running)[0]
 
@@ -245,9 +242,7 @@ def _norm_stats(x, w, b, call: Call) -> tuple[torch.Tensor, torch.Tensor, torch.
         y, mean, _, var = _norm_forward_op(x, w, b, None, None, *_op_args(call))
         return y, mean, var
     impl = backend.select(x, call.plan)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad)
-    ):
+    if backend.wants_grad(x, w, b):
         return _StatsNormFunction.apply(x, w, b, call, impl)
     y, mean, _, var = impl.forward(x, w, b, call)
     return y, mean, var

@@ -154,7 +154,7 @@ def norm(x: torch.Tensor, w, b, call: Call, stats=None, running: Running | None 
     given) or with given ``stats = (mean, var)`` ``(C,)``; differentiable (a C++ autograd node). Output: x's shape,
     dtype and memory format (layer norm: contiguous)."""
     p = call.plan
-    channels_last = p.kind != "layer" and is_channels_last(x)
+    channels_last = x.dim() > 3 and p.kind != "layer" and is_channels_last(x)
     if not (channels_last or x.is_contiguous()):
         x = x.contiguous()
     mean, var = stats if stats is not None else (None, None)
