@@ -463,6 +463,9 @@ void affine(const T* w, const T* b, int64_t C, std::vector<double>& wd, std::vec
   }
 }
 
+// a float64 array's float32 copy
+inline std::vector<float> as_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
 // db and dw from the chunks' partial sums (per chunk: C sums of dz, then C of dz * xhat), in chunk order.
 inline void add_partials(const std::vector<double>& part, int64_t chunks, int64_t C, double* dw, double* db) {
   for (int64_t ch = 0; ch < chunks; ++ch)
@@ -804,11 +807,9 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
   constexpr bool f32 = kFloatLanes<T, A>;
-  std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
-  for (size_t c = 0; c < wf.size(); ++c) {
-    wf[c] = static_cast<float>(wd[c]);
-    bf[c] = static_cast<float>(bd[c]);
-  }
+  // float32 copies for the float32 lanes of layer norm's rows (R == 1)
+  const std::vector<float> wf = f32 && R == 1 ? as_float(wd) : std::vector<float>();
+  const std::vector<float> bf = f32 && R == 1 ? as_float(bd) : std::vector<float>();
   const double eps = q.eps;
   each_chunk(L.P, [&, slope, eps](int64_t p) {
     for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
@@ -905,11 +906,9 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
   constexpr bool f32 = kFloatLanes<T, A>;
-  std::vector<float> wf(f32 && R == 1 ? C : 0), bf(f32 && R == 1 ? C : 0);
-  for (size_t c = 0; c < wf.size(); ++c) {
-    wf[c] = static_cast<float>(wd[c]);
-    bf[c] = static_cast<float>(bd[c]);
-  }
+  // float32 copies for the float32 lanes of layer norm's rows (R == 1)
+  const std::vector<float> wf = f32 && R == 1 ? as_float(wd) : std::vector<float>();
+  const std::vector<float> bf = f32 && R == 1 ? as_float(bd) : std::vector<float>();
   // dx of unit u from its statistic's c1 = E[dxhat], c2 = E[dxhat * xhat] (0 for given statistics)
   auto dx_unit = [&, slope](int64_t u, double c1, double c2) {
     const int64_t s = stat(u), g = u % G;
