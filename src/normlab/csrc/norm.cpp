@@ -97,7 +97,7 @@ inline float act_grad_f(float v, float slope) {
 
 // float32 inputs run the apply, the activation and the backward in float32 lanes (the mean as two floats, hi + lo,
 // see run_apply; sums flushed into float64 ones every kFlush rows or kBlock values); float64 inputs in float64
-template <typename T, int A>
+template <typename T>
 constexpr bool kFloatLanes = std::is_same_v<T, float>;
 
 template <int A>
@@ -302,7 +302,7 @@ inline void by_vectors(int64_t n, Block&& block, One&& one) {
 template <typename T, int A>
 inline void run_apply(const T* __restrict x, T* __restrict y, int64_t n, double mu, double sc, double bc,
                       double slope) {
-  if constexpr (kFloatLanes<T, A>) {
+  if constexpr (kFloatLanes<T>) {
     const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), s = static_cast<float>(sc);
     const float c = static_cast<float>(bc), sl = static_cast<float>(slope);
 #pragma omp simd
@@ -353,7 +353,7 @@ inline double dz_at(double x, double dy, double mu, double rs, double wc, double
 template <typename T, int A>
 inline void run_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t n, double mu, double rs, double wc,
                           double bc, double slope, double& sdz, double& sdzx) {
-  if constexpr (kFloatLanes<T, A>) {
+  if constexpr (kFloatLanes<T>) {
     constexpr int W = kAccLanes<float>;
     const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
     const float w = static_cast<float>(wc), b = static_cast<float>(bc), sl = static_cast<float>(slope);
@@ -417,7 +417,7 @@ inline void row_grad_sums(const T* __restrict x, const T* __restrict dy, int64_t
 template <typename T, int A>
 inline void run_dx(const T* __restrict x, const T* __restrict dy, T* __restrict dx, int64_t n, double mu, double rs,
                    double wc, double bc, double c1, double c2, double slope) {
-  if constexpr (kFloatLanes<T, A>) {
+  if constexpr (kFloatLanes<T>) {
     const float hi = static_cast<float>(mu), lo = static_cast<float>(mu - hi), r = static_cast<float>(rs);
     const float w = static_cast<float>(wc), b = static_cast<float>(bc), sl = static_cast<float>(slope);
     const float f1 = static_cast<float>(c1), f2 = static_cast<float>(c2);
@@ -603,7 +603,7 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   std::vector<double> wd, bd, coef;
   affine(w, b, C, wd, bd);
   block_coefficients(q, L.B, given, mean, rstd, wd, bd, coef);
-  constexpr bool f32 = kFloatLanes<T, A>;
+  constexpr bool f32 = kFloatLanes<T>;
   std::vector<float> cf32(f32 ? L.B * 4 * C : 0);  // per block: hi, lo, sc, bc (see run_apply)
   for (int64_t i = 0; i < (f32 ? L.B : 0); ++i)
     for (int64_t c = 0; c < C; ++c) {
@@ -640,7 +640,7 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
   block_coefficients(q, L.B, !input_stats, mean, rstd, wd, bd, coef);
   // Per chunk and channel: sum dz, sum dz * xhat (db and dw; times w, the statistics' sums of dxhat, dxhat * xhat).
   std::vector<double> part(L.B * L.P * 2 * C, 0.0);
-  constexpr bool f32 = kFloatLanes<T, A>;
+  constexpr bool f32 = kFloatLanes<T>;
   // float32: per block and channel hi, lo (the mean as two floats), rs, w, b; sums in float32 lanes, flushed to the
   // float64 partials every kFlush rows (as in rows_grad_sums_f32)
   std::vector<float> cf32(f32 ? L.B * 5 * C : 0);
@@ -806,7 +806,7 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   }
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
-  constexpr bool f32 = kFloatLanes<T, A>;
+  constexpr bool f32 = kFloatLanes<T>;
   // float32 copies for the float32 lanes of layer norm's rows (R == 1)
   const std::vector<float> wf = f32 && R == 1 ? as_float(wd) : std::vector<float>();
   const std::vector<float> bf = f32 && R == 1 ? as_float(bd) : std::vector<float>();
@@ -905,7 +905,7 @@ void backward_planes(const Geometry& q, bool input_stats, const T* dy, const T* 
   auto stat = [G, input_stats, pool](int64_t u) { return !input_stats || pool ? u % G : u; };
   std::vector<double> wd, bd;
   affine(w, b, C, wd, bd);
-  constexpr bool f32 = kFloatLanes<T, A>;
+  constexpr bool f32 = kFloatLanes<T>;
   // float32 copies for the float32 lanes of layer norm's rows (R == 1)
   const std::vector<float> wf = f32 && R == 1 ? as_float(wd) : std::vector<float>();
   const std::vector<float> bf = f32 && R == 1 ? as_float(bd) : std::vector<float>();
@@ -1061,7 +1061,7 @@ Tensor activation_of(const Tensor& x, int64_t act, double slope) {
     at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
-        if constexpr (kFloatLanes<T, A>) ap[i] = act_fn_f<A>(xp[i], static_cast<float>(slope));
+        if constexpr (kFloatLanes<T>) ap[i] = act_fn_f<A>(xp[i], static_cast<float>(slope));
         else ap[i] = static_cast<T>(act_fn<A>(xp[i], slope));
       }
     });
@@ -1077,7 +1077,7 @@ void times_activation_grad(Tensor& dx, const Tensor& x, int64_t act, double slop
     at::parallel_for(0, x.numel(), kGrain, [&, slope](int64_t lo, int64_t hi) {
 #pragma omp simd
       for (int64_t i = lo; i < hi; ++i) {
-        if constexpr (kFloatLanes<T, A>) dp[i] *= act_grad_f<A>(xp[i], static_cast<float>(slope));
+        if constexpr (kFloatLanes<T>) dp[i] *= act_grad_f<A>(xp[i], static_cast<float>(slope));
         else dp[i] = static_cast<T>(dp[i] * act_grad<A>(xp[i], slope));
       }
     });
