@@ -163,6 +163,62 @@ def test_double_backward(kind, shape, kw, activation, placement):
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
+def test_the_node_behaves_as_autograds_own():
+    """The C++ node keeps autograd's contracts: a second backward without retain_graph is an error and with it gives
+    the same gradients; an input changed in place after the forward is an error at the backward; saved-tensor hooks
+    see what it saves; a gradient asked for w alone is dw; forward-mode AD and torch.func are refused."""
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 4, dtype=torch.float64)
+    y = F.batch_norm(x, None, None, w, b, True, activation="tanh")
+    assert y.grad_fn.name() == "NormBackward"  # the C++ node, not a Python Function
+    first = torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+    again = torch.autograd.grad(y, (x, w, b), dy)
+    for g1, g2 in zip(first, again):
+        assert torch.equal(g1, g2)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(y, (x, w, b), dy)
+    y_ref = torch.tanh(torch.nn.functional.batch_norm(x, None, None, w, b, True))
+    torch.testing.assert_close(first, torch.autograd.grad(y_ref, (x, w, b), dy))
+    (dw,) = torch.autograd.grad(F.batch_norm(x, None, None, w, b, True, activation="tanh"), w, dy)
+    torch.testing.assert_close(dw, first[1])
+
+    xc = x.detach().clone().requires_grad_()
+    h = xc * 1  # a non-leaf input, then changed in place
+    y = F.batch_norm(h, None, None, w, b, True)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        y = F.batch_norm(x, None, None, w, b, True)
+    assert (6, 4) in packed
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0],
+                               torch.autograd.grad(torch.nn.functional.batch_norm(x, None, None, w, b, True), x, dy)[0])
+
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):
+        F.batch_norm(fwad.make_dual(x, torch.ones_like(x)), None, None, w, b, True)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda t: F.batch_norm(t, None, None, w, b, True).sum())(x)
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_compiled_autograd_calls_the_node(activation):
+    """Compiled autograd over an eager forward: the node is one opaque call in its graph, with eager's gradients."""
+    from torch._dynamo import compiled_autograd
+
+    bn = nl.BatchNorm1d(4, activation=activation).double()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    want = torch.autograd.grad(bn(x).sin().sum(), (x, bn.weight, bn.bias))
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        bn(x).sin().sum().backward()
+    torch.testing.assert_close((x.grad, bn.weight.grad, bn.bias.grad), want)
+
+
 def test_eval_uses_the_given_statistics_and_keeps_the_digits():
     """Eval: (x - running_mean) is taken in float64 inside, so a large mean keeps the output's digits (float32)."""
     bn = nl.BatchNorm1d(4).eval()

@@ -16,8 +16,10 @@ about 100 s on 2 cores, once: it is cached under ``$TORCH_EXTENSIONS_DIR`` or ``
 directory named after the source, flags and torch version). Where it cannot be built, :func:`available` is False,
 says why once (a warning), and the other CPU paths run. Double backward recomputes the forward from ATen's
 differentiable ops (exact, slower). ``torch.compile`` and export take normlab's custom ops instead
-(:mod:`normlab.functional`); ``torch.func`` transforms (vmap, jvp) are not supported, as for any C++ or Python
-``autograd.Function`` without a vmap rule.
+(:mod:`normlab.functional`); ``torch.func`` transforms (vmap, grad) and forward-mode AD are refused with an error,
+as torch refuses them for a C++ ``autograd.Function``. The node is written as ATen's generated ones are (a ``Node``
+with its saved variables as members), not as a C++ ``autograd.Function``, whose context costs about 4 µs more per
+step on a (60, 100) batch; under compiled autograd it is one opaque call, as such a Function is.
 """
 
 from __future__ import annotations
