@@ -198,6 +198,16 @@ def test_the_node_behaves_as_autograds_own():
     torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0],
                                torch.autograd.grad(torch.nn.functional.batch_norm(x, None, None, w, b, True), x, dy)[0])
 
+    # sigmoid and tanh save their output, as torch's do: changing it in place before the backward is torch's error
+    for activation in ("sigmoid", "tanh"):
+        y = F.batch_norm(x, None, None, w, b, True, activation=activation)
+        y_ref = getattr(torch, activation)(torch.nn.functional.batch_norm(x, None, None, w, b, True))
+        torch.testing.assert_close(torch.autograd.grad(y, (x, w, b), dy, retain_graph=True),
+                                   torch.autograd.grad(y_ref, (x, w, b), dy))
+        y.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(dy)
+
     import torch.autograd.forward_ad as fwad
 
     with fwad.dual_level(), pytest.raises(RuntimeError, match="forward-mode AD"):

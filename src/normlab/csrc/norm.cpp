@@ -9,7 +9,7 @@
 //     mean = E[a],  var = E[(a - mean)^2],  rstd = (var + eps)^-1/2
 //     xhat = (a - mean) * rstd,  z = xhat * w[c] + b[c],  y = f(z) unless ACT_FIRST
 //
-//     dz = dy * f'(z) unless ACT_FIRST, else dy;  dxhat = dz * w[c]
+//     dz = dy * f'(z) unless ACT_FIRST, else dy;  dxhat = dz * w[c]      (sigmoid, tanh: f'(z) from the saved y)
 //     db[c] = sum dz,  dw[c] = sum dz * xhat                               over n and r (and the statistics sharing c)
 //     da = rstd * (dxhat - E[dxhat] - xhat * E[dxhat * xhat])              the input's own statistics
 //     da = rstd * dxhat                                                    given statistics (constants)
@@ -1185,10 +1185,35 @@ std::tuple<Tensor, Tensor, Tensor> forward_all(const Tensor& x, const Tensor& w,
   return {y, mean, rstd};
 }
 
-// The backward: (dx, dw, db), each undefined where not needed (w, b: undefined when absent).
+// Whether the node saves y = f(z) for the backward: sigmoid and tanh placed after the norm, whose f'(z) is a
+// function of y (as torch's sigmoid and tanh save their output), so the backward takes no exp or tanh; z itself is
+// never saved.
+inline bool saves_output(int64_t act, bool act_first) { return !act_first && (act == SIGMOID || act == TANH); }
+
+// dz = dy * f'(z) from y = f(z), in torch's order: sigmoid dy * (1 - y) * y, tanh dy * (1 - y * y). dy and y: the
+// same layout.
+template <typename T>
+Tensor grad_from_output(const Tensor& dy, const Tensor& y, int64_t act) {
+  Tensor dz = at::empty_like(dy);
+  const T *g = dy.data_ptr<T>(), *yp = y.data_ptr<T>();
+  T* d = dz.data_ptr<T>();
+  at::parallel_for(0, dy.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+    if (act == SIGMOID) {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) d[i] = g[i] * (T(1) - yp[i]) * yp[i];
+    } else {
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) d[i] = g[i] * (T(1) - yp[i] * yp[i]);
+    }
+  });
+  return dz;
+}
+
+// The backward: (dx, dw, db), each undefined where not needed (w, b: undefined when absent). y: the output, where
+// saves_output (else undefined).
 tensor_list backward_all(const Geometry& q, const Tensor& dy_, const Tensor& x, const Tensor& w, const Tensor& b,
                          const Tensor& mean, const Tensor& rstd, const Tensor& given_mean, const Tensor& given_var,
-                         bool need_x, bool need_w, bool need_b) {
+                         const Tensor& y, bool need_x, bool need_w, bool need_b) {
   tensor_list out(3);
   need_w = need_w && w.defined();
   need_b = need_b && b.defined();
@@ -1205,7 +1230,8 @@ tensor_list backward_all(const Geometry& q, const Tensor& dy_, const Tensor& x, 
     if (need_b) out[2] = g[i++];
     return out;
   }
-  const Tensor dy = dy_.contiguous(x.suggest_memory_format());
+  const auto format = x.suggest_memory_format();
+  const Tensor dy = dy_.contiguous(format);
   const int64_t C = q.C();
   Tensor dx = need_x ? at::empty_like(x) : Tensor();
   Tensor dw = need_w ? at::empty_like(w) : Tensor(), db = need_b ? at::empty_like(b) : Tensor();
@@ -1217,12 +1243,14 @@ tensor_list backward_all(const Geometry& q, const Tensor& dy_, const Tensor& x, 
     T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
     double *dwp = need_w ? dwv.data() : nullptr, *dbp = need_b ? dbv.data() : nullptr;
     const Tensor a = q.act_first ? activation_of<T>(x, q.act, q.slope) : x;
-    with_act(q.act_first ? NONE : q.act, [&](auto A) {
+    // with y saved, the loops see dz (and no activation)
+    const Tensor dz = y.defined() ? grad_from_output<T>(dy, y.contiguous(format), q.act) : dy;
+    with_act(q.act_first || y.defined() ? NONE : q.act, [&](auto A) {
       if (q.rows())
-        backward_rows<T, A>(q, !given_mean.defined(), dy.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
+        backward_rows<T, A>(q, !given_mean.defined(), dz.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
                             mean.data_ptr<double>(), rstd.data_ptr<double>(), dxp, dwp, dbp);
       else
-        backward_planes<T, A>(q, !given_mean.defined(), dy.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
+        backward_planes<T, A>(q, !given_mean.defined(), dz.data_ptr<T>(), a.data_ptr<T>(), wp, bp,
                               mean.data_ptr<double>(), rstd.data_ptr<double>(), dxp, dwp, dbp);
     });
     if (q.act_first && need_x) times_activation_grad<T>(dx, x, q.act, q.slope);
@@ -1241,7 +1269,7 @@ tensor_list backward_all(const Geometry& q, const Tensor& dy_, const Tensor& x, 
 // compiled autograd it is one opaque call in the graph, as a C++ Function is.
 struct NormBackward : public torch::autograd::Node {
   using Saved = torch::autograd::SavedVariable;
-  Saved x_, w_, b_, mean_, rstd_, given_mean_, given_var_;
+  Saved x_, w_, b_, mean_, rstd_, given_mean_, given_var_, y_;  // y_: where saves_output
   Geometry q;
 
   std::string name() const override { return "NormBackward"; }
@@ -1251,13 +1279,14 @@ struct NormBackward : public torch::autograd::Node {
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (Saved* v : saved()) v->reset_data();
+    y_.reset_data();
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return tensor_list(3);  // no gradient reached y: none leaves
     return backward_all(q, grads[0], x_.unpack(), w_.unpack(), b_.unpack(), mean_.unpack(), rstd_.unpack(),
-                        given_mean_.unpack(), given_var_.unpack(), task_should_compute_output(0),
+                        given_mean_.unpack(), given_var_.unpack(), y_.unpack(getptr()), task_should_compute_output(0),
                         task_should_compute_output(1), task_should_compute_output(2));
   }
 
@@ -1265,6 +1294,7 @@ struct NormBackward : public torch::autograd::Node {
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
     args.collect(name());
     for (const Saved* v : {&x_, &w_, &b_, &mean_, &rstd_, &given_mean_, &given_var_}) args.collect(*v, false);
+    args.collect(y_, true);
     for (int64_t v : {q.N, q.G, q.K, q.R, q.act}) args.collect(v);
     for (bool v : {q.channels_last, q.pool, q.act_first}) args.collect(v);
     for (double v : {q.eps, q.slope}) args.collect(v);
@@ -1274,8 +1304,10 @@ struct NormBackward : public torch::autograd::Node {
                                                   torch::dynamo::autograd::SwapSavedVariables& swap) override {
     namespace ca = torch::dynamo::autograd;
     for (Saved* v : saved()) swap.before(*v);
+    swap.before(y_);
     ca::PackedArgs packed;
     for (Saved* v : saved()) packed.pack(v->unpack());
+    packed.pack(y_.unpack(getptr()));
     packed.pack(std::vector<bool>{task_should_compute_output(0), task_should_compute_output(1),
                                   task_should_compute_output(2)});
     packed.pack(std::vector<int64_t>{q.N, q.G, q.K, q.R, q.channels_last, q.pool, q.act, q.act_first});
@@ -1289,6 +1321,7 @@ struct NormBackward : public torch::autograd::Node {
         ca::get_input_metadata(next_edges()));
     auto out = py->call_function(swap.get_py_compiler(), "apply_functional", fn, inputs, args, meta);
     for (Saved* v : saved()) swap.after(*v);
+    swap.after(y_);
     return out;
   }
 
@@ -1296,14 +1329,14 @@ struct NormBackward : public torch::autograd::Node {
                                                    const std::vector<c10::IValue>& args) {
     namespace ca = torch::dynamo::autograd;
     ca::PackedArgs packed(args);
-    std::array<Tensor, 7> t;
+    std::array<Tensor, 8> t;
     for (Tensor& v : t) v = packed.unpack<Tensor>();
     const auto need = packed.unpack<std::vector<bool>>();
     const auto i = packed.unpack<std::vector<int64_t>>();
     const auto d = packed.unpack<std::vector<double>>();
     const Geometry g{i[0], i[1], i[2], i[3], i[4] != 0, i[5] != 0, d[0], i[6], d[1], i[7] != 0};
     if (!grads[0].defined()) return tensor_list(3);
-    return backward_all(g, grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], need[0], need[1], need[2]);
+    return backward_all(g, grads[0], t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], need[0], need[1], need[2]);
   }
 };
 
@@ -1354,6 +1387,7 @@ Tensor norm(const Tensor& x, const Opt& w_, const Opt& b_, const Opt& given_mean
   node->given_var_ = torch::autograd::SavedVariable(get(given_var), false);
   node->q = geometry(view, pool, channels_last, eps, act, slope, act_first);
   torch::autograd::set_history(y, node);
+  if (saves_output(act, act_first)) node->y_ = torch::autograd::SavedVariable(y, true);
   return y;
 }
 
