@@ -265,7 +265,8 @@ class TorchArm:
         total = torch.zeros((), device=self.device)
         x, y = self.data.train_x, self.data.train_y
         for i in range(len(rows)):
-            loss = torch.nn.functional.cross_entropy(self.net(x[rows[i]]), y[rows[i]])
+            # index_select: a copy of whole rows (x[rows[i]], advanced indexing, took 3x as long on the CPU)
+            loss = torch.nn.functional.cross_entropy(self.net(x.index_select(0, rows[i])), y.index_select(0, rows[i]))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

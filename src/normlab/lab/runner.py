@@ -88,13 +88,15 @@ class Local:
         release_device_data()
 
 
-def _worker(conn, exp, group, cfg, ds, device) -> None:
+def _worker(conn, threads: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes us
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    code = 0
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        arms = _build(exp, group, cfg, ds, device)
-        while (msg := conn.recv()) is not None:
+        setup = conn.recv()  # (exp, group, cfg, ds, device), or None: closed before any call
+        arms = _build(*setup) if setup is not None else None
+        while arms is not None and (msg := conn.recv()) is not None:
             if msg[0] == "cpu_seconds":  # this process's CPU time: what the run costs on an idle core
                 conn.send(("ok", time.process_time()))
                 continue
@@ -103,6 +105,12 @@ def _worker(conn, exp, group, cfg, ds, device) -> None:
         pass
     except Exception:
         conn.send(("error", traceback.format_exc()))
+        code = 1
+    # Leave without the interpreter's teardown of torch and the data (0.8 s here, which the parent's close waits for):
+    # everything this process owes the parent has gone through the pipe.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -110,13 +118,18 @@ _BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS
 
 class Worker:
     """Arms in a worker process (spawned: a forked torch can hang), with :class:`Local`'s interface. The experiment
-    is pickled to it: its class must be importable (defined at module level)."""
+    is pickled to it: its class must be importable (defined at module level).
+
+    The process starts with nothing but its thread count; the experiment and the data go with the first call. A
+    spawned process reads what it is sent only once it has imported torch (1.5 s here), and sending blocks until it
+    reads: sent at the start, the data would make each worker's start wait for the last one's import."""
 
     def __init__(self, exp, group, cfg, ds, device):
         self.keys = [k for k, _, _ in group]
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, exp, group, cfg, ds, device), daemon=True)
+        self._setup = (exp, group, cfg, ds, device)
+        self.proc = ctx.Process(target=_worker, args=(child, cfg.threads), daemon=True)
         # BLAS libraries read their thread count once, at load: the child inherits it from our environment. Two
         # workers with a BLAS pool each on two cores would fight (NumPy's matmuls ran 3x slower so).
         saved = {k: os.environ.get(k) for k in _BLAS_THREAD_VARS}
@@ -133,6 +146,9 @@ class Worker:
         child.close()
 
     def send(self, method: str, *args) -> None:
+        if self._setup is not None:
+            self.conn.send(self._setup)
+            self._setup = None
         self.conn.send((method, *args))
 
     def recv(self):
