@@ -64,19 +64,28 @@ def test_many_chunks_match_the_torch_path(kind, shape, kw, activation, placement
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """The chunks and their merge order depend on the shape only: 1 and 2 threads give the same bits."""
+    """The chunks and their merge order depend on the shape only: 1 and 2 threads give the same bits; so does the
+    eval with given statistics, whose apply is split over the threads (also on (256, 100), one chunk)."""
     results = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            for kind, shape, kw in BIG:
+            for kind, shape, kw in [*BIG, ("batch", (256, 100), {})]:
                 torch.manual_seed(0)
                 c = shape[-1] if kind == "layer" else shape[1]
                 x = torch.randn(shape, requires_grad=True)
                 w, b = torch.rand(c, requires_grad=True), torch.randn(c, requires_grad=True)
                 y = _run(kind, shape, kw, x, w, b, "silu")
                 results.append((y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y))))
+                if kind in ("batch", "instance"):  # eval: the running statistics normalize
+                    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+                    xe = channels_last(x) if kw.get("cl") else x
+                    if kind == "batch":
+                        y = F.batch_norm(xe, rm, rv, w, b, False, activation="silu")
+                    else:
+                        y = F.instance_norm(xe, rm, rv, w, b, use_input_stats=False, activation="silu")
+                    results.append((y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y))))
     finally:
         torch.set_num_threads(before)
     half = len(results) // 2

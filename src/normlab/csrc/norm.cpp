@@ -143,6 +143,7 @@ constexpr int64_t kGrain = int64_t{1} << 14;
 constexpr int64_t kMaxChunks = 64;
 constexpr int64_t kFlush = 16;  // float32 sums run over at most this many rows before they go into float64 ones
 constexpr int64_t kTileRows = 32;  // rows per tile of rows_moments' float32 sums, and the least rows per chunk
+constexpr int64_t kApplyGrain = int64_t{1} << 13;  // values per thread, at least, of an apply split over threads
 
 inline int64_t chunks(int64_t items, int64_t values_per_item) {
   return std::max<int64_t>(1, std::min({items, kMaxChunks, items * values_per_item / kGrain}));
@@ -275,11 +276,14 @@ inline void row_sums(const T* __restrict x, int64_t n, int64_t ld, const T* __re
   }
 }
 
-// Calls fn(std::integral_constant<int, NR>{}, j) over rows lo .. hi - 1: NR = 4 rows at a time, then one by one.
+// Calls fn(std::integral_constant<int, NR>{}, j) over rows lo .. hi - 1: NR = kRowGroup rows at a time, then one
+// by one.
+constexpr int kRowGroup = 4;
+
 template <typename F>
 inline void by_rows(int64_t lo, int64_t hi, F&& fn) {
   int64_t j = lo;
-  for (; j + 4 <= hi; j += 4) fn(std::integral_constant<int, 4>{}, j);
+  for (; j + kRowGroup <= hi; j += kRowGroup) fn(std::integral_constant<int, kRowGroup>{}, j);
   for (; j < hi; ++j) fn(std::integral_constant<int, 1>{}, j);
 }
 
@@ -604,10 +608,11 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   }
   std::vector<double> wd, bd, coef;
   affine(w, b, C, wd, bd);
-  block_coefficients(q, L.B, given, mean, rstd, wd, bd, coef);
+  const int64_t CB = given ? 1 : L.B;  // coefficient blocks: given statistics are the same for every block
+  block_coefficients(q, CB, given, mean, rstd, wd, bd, coef);
   constexpr bool f32 = kFloatLanes<T>;
-  std::vector<float> cf32(f32 ? L.B * 4 * C : 0);  // per block: hi, lo, sc, bc (see run_apply)
-  for (int64_t i = 0; i < (f32 ? L.B : 0); ++i)
+  std::vector<float> cf32(f32 ? CB * 4 * C : 0);  // per block: hi, lo, sc, bc (see run_apply)
+  for (int64_t i = 0; i < (f32 ? CB : 0); ++i)
     for (int64_t c = 0; c < C; ++c) {
       const double* cf = coef.data() + i * 4 * C;
       float* f = cf32.data() + i * 4 * C;
@@ -616,18 +621,29 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
       f[2 * C + c] = static_cast<float>(cf[2 * C + c]);
       f[3 * C + c] = static_cast<float>(cf[3 * C + c]);
     }
-  each_chunk(L.B * L.P, [&, slope](int64_t ch) {
-    const int64_t bl = ch / L.P, p = ch % L.P;
-    const double* cf = coef.data() + bl * 4 * C;
-    by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
-      const int64_t off = (bl * L.RB + j) * C;
-      if constexpr (f32) {
-        const float* f = cf32.data() + bl * 4 * C;
-        row_apply_f<NR, A>(x + off, y + off, C, C, f, f + C, f + 2 * C, f + 3 * C, static_cast<float>(slope));
-      } else {
-        row_apply<NR, T, A>(x + off, y + off, C, C, cf, cf + 2 * C, cf + 3 * C, slope);
-      }
+  // NR rows from global row j, with block bl's coefficients
+  auto rows = [&, slope](auto NR, int64_t j, int64_t bl) {
+    const int64_t off = j * C;
+    if constexpr (f32) {
+      const float* f = cf32.data() + bl * 4 * C;
+      row_apply_f<NR, A>(x + off, y + off, C, C, f, f + C, f + 2 * C, f + 3 * C, static_cast<float>(slope));
+    } else {
+      const double* cf = coef.data() + bl * 4 * C;
+      row_apply<NR, T, A>(x + off, y + off, C, C, cf, cf + 2 * C, cf + 3 * C, slope);
+    }
+  };
+  // Given statistics: the apply alone, elementwise, split over the threads (a row's bits depend only on whether it
+  // is in a group of kRowGroup rows or in the remainder, so the split is in whole groups)
+  if (given) {
+    const int64_t total = L.B * L.RB, groups = (total + kRowGroup - 1) / kRowGroup;
+    at::parallel_for(0, groups, std::max<int64_t>(1, kApplyGrain / (kRowGroup * C)), [&](int64_t lo, int64_t hi) {
+      by_rows(lo * kRowGroup, std::min(hi * kRowGroup, total), [&](auto NR, int64_t j) { rows(NR, j, 0); });
     });
+    return;
+  }
+  each_chunk(L.B * L.P, [&](int64_t ch) {
+    const int64_t bl = ch / L.P, p = ch % L.P;
+    by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) { rows(NR, bl * L.RB + j, bl); });
   });
 }
 
