@@ -31,6 +31,7 @@
 
 #include <array>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -565,26 +566,31 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
   const Rows L(q);
   const int64_t C = q.C(), G = q.G, K = q.K;
   if (!given) {
-    std::vector<double> part(L.B * L.P * 2 * C);  // per chunk and channel: mean, M2 of the chunk's rows
+    // per chunk and channel: mean, M2 of the chunk's rows (rows_moments writes every value: no zeros first)
+    const std::unique_ptr<double[]> part(new double[L.B * L.P * 2 * C]);
     std::vector<T> shift(L.B * C);  // per block and channel: the mean of its first kFlush rows
+    std::vector<double> a(C);
     for (int64_t bl = 0; bl < L.B; ++bl) {
       const int64_t nr = std::min(kFlush, L.RB);
-      for (int64_t c = 0; c < C; ++c) {
-        double a = 0;
-        for (int64_t j = 0; j < nr; ++j) a += x[(bl * L.RB + j) * C + c];
-        shift[bl * C + c] = static_cast<T>(a / nr);
+      std::fill(a.begin(), a.end(), 0.0);
+      for (int64_t j = 0; j < nr; ++j) {  // row by row, so the loop runs along contiguous channels
+        const T* __restrict xr = x + (bl * L.RB + j) * C;
+        double* __restrict ap = a.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) ap[c] += xr[c];
       }
+      for (int64_t c = 0; c < C; ++c) shift[bl * C + c] = static_cast<T>(a[c] / nr);
     }
     each_chunk(L.B * L.P, [&](int64_t ch) {
       const int64_t bl = ch / L.P, p = ch % L.P;
       rows_moments(x + (bl * L.RB + L.lo(p)) * C, L.hi(p) - L.lo(p), C, shift.data() + bl * C,
-                   part.data() + ch * 2 * C, part.data() + ch * 2 * C + C);
+                   part.get() + ch * 2 * C, part.get() + ch * 2 * C + C);
     });
     std::vector<double> am(C), am2(C);  // per channel: the merged chunks' mean and M2, over `an` rows
     for (int64_t bl = 0; bl < L.B; ++bl) {
       double an = 0;
       for (int64_t p = 0; p < L.P; ++p) {  // Moments::merge per channel, chunk by chunk, vectorized over channels
-        const double* pm = part.data() + (bl * L.P + p) * 2 * C;
+        const double* pm = part.get() + (bl * L.P + p) * 2 * C;
         const double* pm2 = pm + C;
         const double nt = static_cast<double>(L.hi(p) - L.lo(p)), total = an + nt, f = nt / total,
                      h = an * nt / total;
