@@ -347,6 +347,56 @@ inline void row_apply_f(const float* __restrict x, float* __restrict y, int64_t 
   });
 }
 
+// The float32 rows' backward, NR rows ld apart, in float32 lanes (the mean as hi + lo, as in run_apply):
+// row_grad_sums_f adds each row's dz and dz * xhat into the per-channel sums pz, pzx, row after row (in registers
+// across the NR rows), and keeps dz in dz_out where given; row_dx_f writes dx = rs * (dz * w - c1 - xhat * c2),
+// dz read back from dx where kept.
+template <int NR, int A>
+inline void row_grad_sums_f(const float* __restrict x, const float* __restrict dy, float* __restrict dz_out, int64_t n,
+                            int64_t ld, const float* __restrict hi, const float* __restrict lo,
+                            const float* __restrict rs, const float* __restrict wc, const float* __restrict bc, float sl,
+                            float* __restrict pz, float* __restrict pzx) {
+  auto at = [&](int64_t c, bool use) {  // use: false for the lanes an overlapping last vector has already added
+    float az = pz[c], azx = pzx[c];
+    for (int r = 0; r < NR; ++r) {
+      const float xhat = (x[r * ld + c] - hi[c] - lo[c]) * rs[c];
+      const float dz = dy[r * ld + c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
+      if constexpr (kTranscendental<A>) if (dz_out) dz_out[r * ld + c] = dz;
+      az += use ? dz : 0.0f;
+      azx += use ? dz * xhat : 0.0f;
+    }
+    pz[c] = az;
+    pzx[c] = azx;
+  };
+  by_vectors(n, [&](int64_t c0, int64_t done) {
+#pragma omp simd
+    for (int k = 0; k < kV; ++k) at(c0 + k, c0 + k >= done);
+  }, [&](int64_t c) { at(c, true); });
+}
+
+template <int NR, int A>
+inline void row_dx_f(const float* __restrict x, const float* __restrict dy, float* __restrict dx, int64_t n, int64_t ld,
+                     const float* __restrict hi, const float* __restrict lo, const float* __restrict rs,
+                     const float* __restrict wc, const float* __restrict bc, const float* __restrict c1,
+                     const float* __restrict c2, float sl, bool dz_in_dx) {
+  if (dz_in_dx) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c)
+      for (int r = 0; r < NR; ++r) {
+        const float xhat = (x[r * ld + c] - hi[c] - lo[c]) * rs[c];
+        dx[r * ld + c] = rs[c] * (dx[r * ld + c] * wc[c] - c1[c] - xhat * c2[c]);
+      }
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c)
+    for (int r = 0; r < NR; ++r) {
+      const float xhat = (x[r * ld + c] - hi[c] - lo[c]) * rs[c];
+      const float dz = dy[r * ld + c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
+      dx[r * ld + c] = rs[c] * (dz * wc[c] - c1[c] - xhat * c2[c]);
+    }
+}
+
 // xhat = (x - mu) * rs, z = xhat * wc + bc, dz = dy * f'(z)
 template <int A>
 inline double dz_at(double x, double dy, double mu, double rs, double wc, double bc, double slope, double& xhat) {
@@ -689,31 +739,16 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
         const float *hi = cf32.data() + bl * 5 * C, *lo = hi + C, *rs = hi + 2 * C, *wc = hi + 3 * C, *bc = hi + 4 * C;
         double* sdz = part.data() + ch * 2 * C;
         std::vector<float> fz(C, 0.0f), fzx(C, 0.0f);
-        float* __restrict pz = fz.data();
-        float* __restrict pzx = fzx.data();
-        int64_t rows = 0;
-        for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
-          const float* __restrict xs = x + (bl * L.RB + j) * C;
-          const float* __restrict dys = dy + (bl * L.RB + j) * C;
-          float* __restrict dzs = keep_dz ? dx + (bl * L.RB + j) * C : nullptr;
-          auto at = [&](int64_t c, bool use) {
-            const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
-            const float dz = dys[c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
-            if constexpr (kTranscendental<A>) if (dzs) dzs[c] = dz;
-            pz[c] += use ? dz : 0.0f;
-            pzx[c] += use ? dz * xhat : 0.0f;
-          };
-          by_vectors(C, [&](int64_t c0, int64_t done) {
-#pragma omp simd
-            for (int k = 0; k < kV; ++k) at(c0 + k, c0 + k >= done);
-          }, [&](int64_t c) { at(c, true); });
-          if (++rows == kFlush || j + 1 == L.hi(p)) {
-            for (int64_t c = 0; c < C; ++c) {
-              sdz[c] += pz[c];
-              sdz[C + c] += pzx[c];
-              pz[c] = pzx[c] = 0.0f;
-            }
-            rows = 0;
+        for (int64_t w0 = L.lo(p); w0 < L.hi(p); w0 += kFlush) {  // kFlush rows into float32 sums, then flushed
+          by_rows(w0, std::min(w0 + kFlush, L.hi(p)), [&](auto NR, int64_t j) {
+            const int64_t off = (bl * L.RB + j) * C;
+            row_grad_sums_f<NR, A>(x + off, dy + off, keep_dz ? dx + off : nullptr, C, C, hi, lo, rs, wc, bc, sl,
+                                   fz.data(), fzx.data());
+          });
+          for (int64_t c = 0; c < C; ++c) {
+            sdz[c] += fz[c];
+            sdz[C + c] += fzx[c];
+            fz[c] = fzx[c] = 0.0f;
           }
         }
       });
@@ -755,25 +790,10 @@ void backward_rows(const Geometry& q, bool input_stats, const T* dy, const T* x,
       const int64_t bl = ch / L.P, p = ch % L.P;
       const float *hi = cf32.data() + bl * 5 * C, *lo = hi + C, *rs = hi + 2 * C, *wc = hi + 3 * C, *bc = hi + 4 * C;
       const float *c1 = cx32.data() + bl * 2 * C, *c2 = c1 + C;
-      for (int64_t j = L.lo(p); j < L.hi(p); ++j) {
-        const float* __restrict xs = x + (bl * L.RB + j) * C;
-        const float* __restrict dys = dy + (bl * L.RB + j) * C;
-        float* __restrict dxs = dx + (bl * L.RB + j) * C;
-        if (keep_dz) {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
-            dxs[c] = rs[c] * (dxs[c] * wc[c] - c1[c] - xhat * c2[c]);
-          }
-          continue;
-        }
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float xhat = (xs[c] - hi[c] - lo[c]) * rs[c];
-          const float dz = dys[c] * act_grad_f<A>(xhat * wc[c] + bc[c], sl);
-          dxs[c] = rs[c] * (dz * wc[c] - c1[c] - xhat * c2[c]);
-        }
-      }
+      by_rows(L.lo(p), L.hi(p), [&](auto NR, int64_t j) {
+        const int64_t off = (bl * L.RB + j) * C;
+        row_dx_f<NR, A>(x + off, dy + off, dx + off, C, C, hi, lo, rs, wc, bc, c1, c2, sl, keep_dz);
+      });
     });
     return;
   }
