@@ -1264,8 +1264,8 @@ tensor_list backward_all(const Geometry& q, const Tensor& dy_, const Tensor& x, 
     if (need_x) inputs.push_back(x);
     if (need_w) inputs.push_back(w);
     if (need_b) inputs.push_back(b);
-    const Tensor y = composite(q, x, w, b, given_mean, given_var);
-    auto g = torch::autograd::grad({y}, inputs, {dy_}, true, true, true);
+    const Tensor recomputed = composite(q, x, w, b, given_mean, given_var);
+    auto g = torch::autograd::grad({recomputed}, inputs, {dy_}, true, true, true);
     size_t i = 0;
     if (need_x) out[0] = g[i++];
     if (need_w) out[1] = g[i++];
