@@ -208,12 +208,6 @@ struct Moments {
 // A block is at most kBlock contiguous values (64 KiB of float32 in two passes fit L2, a run of most shapes L1).
 constexpr int64_t kBlock = 4096;
 
-// The moments of one block in x's own lanes (16 float32 per AVX-512 vector; float64 for float64), no float32 sum
-// running over more than kBlock / kAccLanes values: sums of d = x - x[0] and d^2, and m1 = x[0] + mean(d). When
-// x[0] lies within about a standard deviation of the mean (E[d]^2 <= E[d^2] / 2), E[d^2] - E[d]^2 loses at most a
-// bit and that is the variance; otherwise (x[0] an outlier) a second pass sums d = x - m1 (m1 as hi + lo, see
-// run_apply), centred values whose sums give M2 and correct m1 (the corrected two-pass algorithm), so a large mean
-// or an outlier loses no digits of the spread.
 // sums of d = x - hi - lo and of d^2 over n values, kAccLanes accumulators each
 template <typename T>
 inline void centred_sums(const T* __restrict x, int64_t n, T hi, T lo, double& s1, double& s2) {
@@ -237,6 +231,12 @@ inline void centred_sums(const T* __restrict x, int64_t n, T hi, T lo, double& s
   s2 = static_cast<double>(lanes_total(b));
 }
 
+// The moments of one block in x's own lanes (16 float32 per AVX-512 vector; float64 for float64), no float32 sum
+// running over more than kBlock / kAccLanes values: sums of d = x - x[0] and d^2, and m1 = x[0] + mean(d). When
+// x[0] lies within about a standard deviation of the mean (E[d]^2 <= E[d^2] / 2), E[d^2] - E[d]^2 loses at most a
+// bit and that is the variance; otherwise (x[0] an outlier) a second pass sums d = x - m1 (m1 as hi + lo, see
+// run_apply), centred values whose sums give M2 and correct m1 (the corrected two-pass algorithm), so a large mean
+// or an outlier loses no digits of the spread.
 template <typename T>
 inline Moments block_moments(const T* x, int64_t n) {
   double s1, s2;
@@ -248,6 +248,26 @@ inline Moments block_moments(const T* x, int64_t n) {
   centred_sums(x, n, hi, lo, s1, s2);
   const double c = s1 / n;
   return {static_cast<double>(n), m1 + c, std::max(s2 - s1 * c, 0.0)};
+}
+
+// A statistic's var (biased), mean and rstd from its moments.
+inline void finish_moments(const Moments& mo, double eps, double* mean, double* rstd, double* var) {
+  *var = mo.m2 / mo.n;
+  *mean = mo.mean;
+  *rstd = 1.0 / std::sqrt(*var + eps);
+}
+
+// Moments::merge per channel, vectorized over the C channels: (mean, m2) over n values take (tm, tm2) over nt
+// values (n = 0: they become tm, tm2).
+inline void merge_channels(double* __restrict mean, double* __restrict m2, double n, const double* __restrict tm,
+                           const double* __restrict tm2, double nt, int64_t C) {
+  const double total = n + nt, f = nt / total, h = n * nt / total;
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const double base = n == 0 ? 0.0 : mean[c], d = tm[c] - base;
+    m2[c] = (n == 0 ? 0.0 : m2[c]) + tm2[c] + d * d * h;
+    mean[c] = base + d * f;
+  }
 }
 
 // The moments of a contiguous run, block by block, merged in order.
@@ -555,6 +575,7 @@ inline void finish_stat(double shift, double sum, double sumsq, int64_t m, doubl
 template <typename T>
 void rows_moments(const T* x, int64_t rows, int64_t C, const T* shift0, double* mean, double* m2) {
   std::vector<T> shift(shift0, shift0 + C), s1(C), s2(C);
+  std::vector<double> tm(C), tm2(C);  // per channel: the tile's mean and M2
   double n = 0;
   for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {
     const int64_t nt = std::min(kTileRows, rows - t0);
@@ -570,17 +591,16 @@ void rows_moments(const T* x, int64_t rows, int64_t C, const T* shift0, double* 
       if (off_centre == 0 || pass == 1) break;
       for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(shift[c] + static_cast<double>(s1[c]) / nt);
     }
-    const double total = n + nt, f = nt / total, h = n * nt / total, inv = 1.0 / nt;
+    const double inv = 1.0 / nt;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {  // Moments::merge, per channel (the first tile: mean = tm, m2 = tm2)
-      const double e1 = static_cast<double>(s1[c]) * inv, tm = static_cast<double>(shift[c]) + e1;
-      const double tm2 = std::max(static_cast<double>(s2[c]) - e1 * e1 * nt, 0.0);
-      const double d = tm - (n == 0 ? 0.0 : mean[c]), old = n == 0 ? 0.0 : m2[c];
-      mean[c] = (n == 0 ? 0.0 : mean[c]) + d * f;
-      m2[c] = old + tm2 + d * d * h;
+    for (int64_t c = 0; c < C; ++c) {
+      const double e1 = static_cast<double>(s1[c]) * inv;
+      tm[c] = static_cast<double>(shift[c]) + e1;
+      tm2[c] = std::max(static_cast<double>(s2[c]) - e1 * e1 * nt, 0.0);
       shift[c] = shift0[c];
     }
-    n = total;
+    merge_channels(mean, m2, n, tm.data(), tm2.data(), static_cast<double>(nt), C);
+    n += nt;
   }
 }
 
@@ -639,26 +659,17 @@ void forward_rows(const Geometry& q, bool given, const T* x, const T* w, const T
     std::vector<double> am(C), am2(C);  // per channel: the merged chunks' mean and M2, over `an` rows
     for (int64_t bl = 0; bl < L.B; ++bl) {
       double an = 0;
-      for (int64_t p = 0; p < L.P; ++p) {  // Moments::merge per channel, chunk by chunk, vectorized over channels
+      for (int64_t p = 0; p < L.P; ++p) {  // chunk by chunk, in order
         const double* pm = part.get() + (bl * L.P + p) * 2 * C;
-        const double* pm2 = pm + C;
-        const double nt = static_cast<double>(L.hi(p) - L.lo(p)), total = an + nt, f = nt / total,
-                     h = an * nt / total;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const double base = an == 0 ? 0.0 : am[c], d = pm[c] - base;
-          am2[c] = (an == 0 ? 0.0 : am2[c]) + pm2[c] + d * d * h;
-          am[c] = base + d * f;
-        }
-        an = total;
+        const double nt = static_cast<double>(L.hi(p) - L.lo(p));
+        merge_channels(am.data(), am2.data(), an, pm, pm + C, nt, C);
+        an += nt;
       }
       for (int64_t g = 0; g < G; ++g) {
         Moments acc;
         for (int64_t c = g * K; c < g * K + K; ++c) acc.merge({an, am[c], am2[c]});
         const int64_t s = bl * G + g;
-        var[s] = acc.m2 / acc.n;
-        mean[s] = acc.mean;
-        rstd[s] = 1.0 / std::sqrt(var[s] + q.eps);
+        finish_moments(acc, q.eps, mean + s, rstd + s, var + s);
       }
     }
   }
@@ -858,12 +869,7 @@ void forward_planes(const Geometry& q, bool given, const T* x, const T* w, const
   each_chunk(L.P, [&, slope, eps](int64_t p) {
     for (int64_t u = L.lo(p); u < L.hi(p); ++u) {
       const int64_t s = stat(u), g = u % G;
-      if (per_unit) {
-        const Moments mo = run_moments(x + u * KR, KR);
-        var[s] = mo.m2 / mo.n;
-        mean[s] = mo.mean;
-        rstd[s] = 1.0 / std::sqrt(var[s] + eps);
-      }
+      if (per_unit) finish_moments(run_moments(x + u * KR, KR), eps, mean + s, rstd + s, var + s);
       if (R == 1) {  // a row of K channels
         const T* __restrict xs = x + u * K;
         T* __restrict ys = y + u * K;
